@@ -1,0 +1,1 @@
+"""Token lifecycle: connection settings to access tokens, with an encrypted shared store."""

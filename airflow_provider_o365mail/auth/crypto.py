@@ -1,0 +1,73 @@
+"""Encryption of the token store at rest (Fernet / MultiFernet from ``cryptography``).
+
+Keys, first one encrypts, all decrypt (rotation):
+
+1. ``[o365mail] token_cache_keys``: comma-separated Fernet keys
+   (``AIRFLOW__O365MAIL__TOKEN_CACHE_KEYS``); generate one with
+   ``python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"``.
+2. Otherwise keys derived (HKDF-SHA256) from Airflow's ``[core] fernet_key`` list, which every
+   component of a deployment already shares.
+
+The key never sits beside the ciphertext: the ciphertext lives in an Airflow Variable in the
+metadata database, the key in configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from airflow_provider_o365mail.exceptions import TokenStoreError
+
+HKDF_INFO = b"airflow-provider-o365mail token store v1"
+
+
+def _derive(fernet_key: str) -> bytes:
+    material = base64.urlsafe_b64decode(fernet_key.encode())
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(material)
+    return base64.urlsafe_b64encode(derived)
+
+
+def _configured(section: str, key: str) -> str:
+    from airflow.sdk import conf
+
+    return (conf.get(section, key, fallback="") or "").strip()
+
+
+def load_cipher() -> MultiFernet:
+    """The MultiFernet for the token store, or a TokenStoreError that says how to configure one."""
+    own = [k.strip() for k in _configured("o365mail", "token_cache_keys").split(",") if k.strip()]
+    try:
+        if own:
+            return MultiFernet([Fernet(k) for k in own])
+        core = [k.strip() for k in _configured("core", "fernet_key").split(",") if k.strip()]
+        if core:
+            return MultiFernet([Fernet(_derive(k)) for k in core])
+    except (ValueError, TypeError) as err:
+        raise TokenStoreError(
+            "A token store key is not a valid Fernet key (32 url-safe base64-encoded bytes). Check "
+            "[o365mail] token_cache_keys or [core] fernet_key."
+        ) from err
+    raise TokenStoreError(
+        "No key to encrypt the token store: set [o365mail] token_cache_keys "
+        "(AIRFLOW__O365MAIL__TOKEN_CACHE_KEYS) or [core] fernet_key to the same value on every Airflow "
+        "component (workers, triggerer, api-server, scheduler)."
+    )
+
+
+def encrypt(cipher: MultiFernet, plaintext: bytes) -> str:
+    return cipher.encrypt(plaintext).decode()
+
+
+def decrypt(cipher: MultiFernet, token: str, where: str) -> bytes:
+    try:
+        return cipher.decrypt(token.encode())
+    except InvalidToken:
+        raise TokenStoreError(
+            f"The token store {where} cannot be decrypted with the configured keys: the key changed or "
+            "differs between Airflow components. Put the old key back (second in [o365mail] token_cache_keys "
+            "to rotate), or drop the store with 'airflow o365mail forget' and authorize the connection again."
+        ) from None

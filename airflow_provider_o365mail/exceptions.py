@@ -1,0 +1,106 @@
+"""Errors of airflow-provider-o365mail.
+
+::
+
+    O365MailError (AirflowException)
+     +-- ConnectionConfigError          the connection's fields are wrong (fix the connection)
+     +-- TokenStoreError                the encrypted token store cannot be read or written
+     +-- IdentityProviderUnavailable    network, 5xx, 429 after bounded retries (Airflow may retry)
+     +-- MailServerError                IMAP/SMTP refused something (transient or not, see subclasses)
+     |    +-- MailAuthenticationError   the server refused the access token
+     |    +-- TlsRequiredError          the server offered no TLS; nothing secret was sent
+     +-- AuthorizationError (AirflowFailException: the task fails without retries)
+          +-- ReauthorizationRequired   a person must consent again
+          |    +-- ConsentRevoked           AADSTS65001 / consent removed at myapps.microsoft.com
+          |    +-- GrantRevoked             AADSTS50173 / 70008: sessions revoked, password reset
+          |    +-- RefreshTokenExpired      AADSTS700082: unused for 90 days
+          |    +-- InteractionRequired      AADSTS50076 / 50078 / 70043: MFA or sign-in frequency
+          +-- AccessBlocked                 AADSTS53003: Conditional Access blocks the app
+          +-- ClientCredentialError         AADSTS7000215 / 7000222 / 700016: secret or client ID wrong
+          +-- InvalidRequestError           any other permanent identity-provider refusal
+
+Every message says what failed, why, and what to do; none carries a token or a secret.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+
+class O365MailError(AirflowException):
+    """Base of every error this provider raises."""
+
+
+class ConnectionConfigError(O365MailError, ValueError):
+    """The ``o365mail`` connection is incomplete or inconsistent."""
+
+
+class TokenStoreError(O365MailError):
+    """The encrypted token store cannot be used."""
+
+
+class IdentityProviderUnavailable(O365MailError):
+    """The identity provider could not be reached or kept failing (transient)."""
+
+
+class MailServerError(O365MailError):
+    """An IMAP or SMTP server refused a command."""
+
+
+class MailAuthenticationError(MailServerError):
+    """The mail server refused the XOAUTH2 login."""
+
+
+class TlsRequiredError(MailServerError):
+    """The server did not offer TLS; credentials were not sent."""
+
+
+class AuthorizationError(O365MailError, AirflowFailException):
+    """The identity provider refused permanently. Retrying will not help."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        conn_id: str | None = None,
+        error: str | None = None,
+        error_codes: list[int] | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.conn_id = conn_id
+        self.error = error
+        self.error_codes = list(error_codes or [])
+        self.correlation_id = correlation_id
+
+
+class ReauthorizationRequired(AuthorizationError):
+    """A person must run the consent flow again for this connection."""
+
+
+class ConsentRevoked(ReauthorizationRequired):
+    """Consent for the app is missing or was removed."""
+
+
+class GrantRevoked(ReauthorizationRequired):
+    """The grant behind the refresh token was revoked."""
+
+
+class RefreshTokenExpired(ReauthorizationRequired):
+    """The refresh token was not used for 90 days."""
+
+
+class InteractionRequired(ReauthorizationRequired):
+    """The user must sign in interactively (MFA, sign-in frequency)."""
+
+
+class AccessBlocked(AuthorizationError):
+    """Conditional Access blocks token issuance."""
+
+
+class ClientCredentialError(AuthorizationError):
+    """The client ID or client secret is wrong or expired."""
+
+
+class InvalidRequestError(AuthorizationError):
+    """Any other permanent refusal by the identity provider."""

@@ -1,0 +1,140 @@
+"""Python client of the sandbox's admin API (tests, demos and benchmarks drive the sandbox with it)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+
+
+def tls_session(ca_file: str) -> requests.Session:
+    """A session that trusts exactly ``ca_file``; REQUESTS_CA_BUNDLE cannot override it."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = ca_file
+    return session
+
+
+class SandboxAdmin:
+    """Drive the Entra ID stand-in: revoke consent, expire tokens, inject faults, count requests."""
+
+    def __init__(self, base_url: str, admin_key: str, ca_file: str, tenant: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.tenant = tenant
+        self._session = tls_session(ca_file)
+        self._session.headers["X-Sandbox-Admin-Key"] = admin_key
+
+    def __repr__(self) -> str:
+        return f"SandboxAdmin({self.base_url!r})"
+
+    def _call(self, method: str, path: str, payload: dict | None = None) -> Any:
+        response = self._session.request(method, f"{self.base_url}/_sandbox/admin/{path}", json=payload, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    # -- state and counters
+    def state(self) -> dict:
+        return self._call("GET", "state")
+
+    def counters(self) -> dict[str, int]:
+        return self.state()["counters"]
+
+    def reset_counters(self) -> None:
+        self._call("POST", "counters/reset")
+
+    def update_settings(self, **values: Any) -> dict:
+        return self._call("POST", "settings", values)
+
+    # -- users and consent
+    def update_user(self, upn: str, **flags: Any) -> dict:
+        return self._call("POST", f"users/{upn}", flags)
+
+    def consent(self, upn: str, client_id: str, scope: str) -> dict:
+        return self._call("POST", "consent", {"upn": upn, "client_id": client_id, "scope": scope})
+
+    def revoke_consent(self, upn: str, client_id: str) -> bool:
+        return self._call("POST", f"users/{upn}/revoke-consent", {"client_id": client_id})["removed"]
+
+    def revoke_sessions(self, upn: str) -> None:
+        self._call("POST", f"users/{upn}/revoke-sessions")
+
+    def expire_refresh_tokens(self, upn: str) -> None:
+        self._call("POST", f"users/{upn}/expire-refresh-tokens")
+
+    # -- app registrations
+    def add_secret(self, client_id: str, lifetime_days: float = 180) -> dict:
+        return self._call("POST", f"apps/{client_id}/secrets", {"lifetime_days": lifetime_days})
+
+    def expire_secrets(self, client_id: str) -> None:
+        self._call("POST", f"apps/{client_id}/secrets/expire")
+
+    def remove_secret(self, client_id: str, secret_id: str) -> None:
+        self._call("DELETE", f"apps/{client_id}/secrets/{secret_id}")
+
+    def add_redirect_uri(self, client_id: str, redirect_uri: str) -> None:
+        self._call("POST", f"apps/{client_id}/redirect-uris", {"redirect_uri": redirect_uri})
+
+    # -- faults
+    def add_fault(self, status: int = 503, count: int = 1, retry_after: int | None = None, delay: float = 0.0) -> None:
+        self._call("POST", "faults", {"status": status, "count": count, "retry_after": retry_after, "delay": delay})
+
+    def clear_faults(self) -> None:
+        self._call("DELETE", "faults")
+
+    # -- tokens
+    def mint_access_token(self, upn: str, **claims: Any) -> str:
+        return self._call("POST", "mint", {"upn": upn, **claims})["access_token"]
+
+    def authorize_silently(self, *, client_id: str, upn: str, scope: str, redirect_uri: str) -> tuple[str, str]:
+        """Run the authorize leg for a pre-approved user; returns (code, code_verifier)."""
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        state = secrets.token_urlsafe(16)
+        response = self._session.get(
+            f"{self.base_url}/{self.tenant}/oauth2/v2.0/authorize",
+            params={
+                "client_id": client_id,
+                "response_type": "code",
+                "redirect_uri": redirect_uri,
+                "scope": scope,
+                "state": state,
+                "login_hint": upn,
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            },
+            allow_redirects=False,
+            timeout=30,
+        )
+        if response.status_code != 302:
+            raise RuntimeError(
+                f"authorize did not redirect (HTTP {response.status_code}); is {upn} pre-approved and consented?"
+            )
+        query = parse_qs(urlsplit(response.headers["location"]).query)
+        if query.get("state") != [state] or "code" not in query:
+            raise RuntimeError(f"authorize failed: {query.get('error_description', query)}")
+        return query["code"][0], verifier
+
+    def new_refresh_token(self, *, client_id: str, client_secret: str, upn: str, scope: str, redirect_uri: str) -> str:
+        """Consent for ``upn`` and redeem a fresh authorization code: a new grant's refresh token."""
+        self.consent(upn, client_id, scope)
+        code, verifier = self.authorize_silently(client_id=client_id, upn=upn, scope=scope, redirect_uri=redirect_uri)
+        response = self._session.post(
+            f"{self.base_url}/{self.tenant}/oauth2/v2.0/token",
+            data={
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": verifier,
+                "scope": f"{scope} offline_access openid profile",
+            },
+            timeout=30,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"code redemption failed: {response.json().get('error_description')}")
+        return response.json()["refresh_token"]

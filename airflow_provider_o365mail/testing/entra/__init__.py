@@ -1,0 +1,1 @@
+"""A local stand-in for the Microsoft identity platform (Entra ID v2 endpoints)."""

@@ -1,0 +1,416 @@
+"""Start, describe and stop the whole sandbox: Entra ID stand-in, Dovecot and Postfix.
+
+``up`` is idempotent: it creates what is missing (packages, CA, tenant, configs), starts what is
+not running and writes the env file. ``down`` stops every process by its recorded PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from airflow_provider_o365mail.testing import mailservers, tls
+from airflow_provider_o365mail.testing.admin import SandboxAdmin, tls_session
+
+DEFAULT_STATE_DIR = Path(os.environ.get("O365_SANDBOX_STATE_DIR", f"/tmp/airflow-o365mail-sandbox-{os.getuid()}"))
+DOMAIN = "o365.sandbox.test"
+DELEGATED_SCOPES = "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send"
+APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
+REDIRECT_URI = "http://localhost/o365mail/callback"
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """Everything a client needs to use the sandbox; ``env()`` is the env file's content."""
+
+    state_dir: Path
+    tenant_id: str
+    idp_port: int
+    imap_port: int
+    smtp_port: int
+    ca_file: str
+    client_id: str
+    client_secret: str
+    app_client_id: str
+    app_client_secret: str
+    user: str
+    user_password: str
+    second_user: str
+    shared_mailbox: str
+    admin_key: str
+    refresh_token: str
+
+    @property
+    def idp_url(self) -> str:
+        return f"https://127.0.0.1:{self.idp_port}"
+
+    @property
+    def authority(self) -> str:
+        return f"{self.idp_url}/{self.tenant_id}"
+
+    def admin(self) -> SandboxAdmin:
+        return SandboxAdmin(self.idp_url, self.admin_key, self.ca_file, self.tenant_id)
+
+    def connection_extra(self, **overrides: object) -> dict:
+        extra = {
+            "tenant_id": self.tenant_id,
+            "authority": self.authority,
+            "grant_type": "authorization_code",
+            "mailbox": self.user,
+            "refresh_token": self.refresh_token,
+            "scopes": DELEGATED_SCOPES,
+            "imap_host": "127.0.0.1",
+            "imap_port": self.imap_port,
+            "smtp_host": "127.0.0.1",
+            "smtp_port": self.smtp_port,
+            "ca_bundle": self.ca_file,
+            "timeout": 30,
+        }
+        extra.update(overrides)
+        return extra
+
+    def connection_json(self, **overrides: object) -> str:
+        """The delegated connection, as ``AIRFLOW_CONN_...`` JSON."""
+        return json.dumps(
+            {
+                "conn_type": "o365mail",
+                "login": self.client_id,
+                "password": self.client_secret,
+                "extra": self.connection_extra(**overrides),
+            }
+        )
+
+    def app_connection_json(self) -> str:
+        """The app-only (client credentials) connection, as ``AIRFLOW_CONN_...`` JSON."""
+        extra = self.connection_extra(grant_type="client_credentials", scopes=APP_ONLY_SCOPE, refresh_token=None)
+        del extra["refresh_token"]
+        return json.dumps(
+            {"conn_type": "o365mail", "login": self.app_client_id, "password": self.app_client_secret, "extra": extra}
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            "O365_SANDBOX_STATE_DIR": str(self.state_dir),
+            "O365_SANDBOX_TENANT": self.tenant_id,
+            "O365_SANDBOX_AUTHORITY": self.authority,
+            "O365_SANDBOX_AUTH_ENDPOINT": f"{self.authority}/oauth2/v2.0/authorize",
+            "O365_SANDBOX_TOKEN_ENDPOINT": f"{self.authority}/oauth2/v2.0/token",
+            "O365_SANDBOX_CLIENT_ID": self.client_id,
+            "O365_SANDBOX_CLIENT_SECRET": self.client_secret,
+            "O365_SANDBOX_APP_CLIENT_ID": self.app_client_id,
+            "O365_SANDBOX_APP_CLIENT_SECRET": self.app_client_secret,
+            "O365_SANDBOX_REDIRECT_URI": REDIRECT_URI,
+            "O365_SANDBOX_USER": self.user,
+            "O365_SANDBOX_USER_PASSWORD": self.user_password,
+            "O365_SANDBOX_SECOND_USER": self.second_user,
+            "O365_SANDBOX_SHARED_MAILBOX": self.shared_mailbox,
+            "O365_SANDBOX_IMAP_HOST": "127.0.0.1",
+            "O365_SANDBOX_IMAP_PORT": str(self.imap_port),
+            "O365_SANDBOX_SMTP_HOST": "127.0.0.1",
+            "O365_SANDBOX_SMTP_PORT": str(self.smtp_port),
+            "O365_SANDBOX_CA_FILE": self.ca_file,
+            "O365_SANDBOX_ADMIN_URL": self.idp_url,
+            "O365_SANDBOX_ADMIN_KEY": self.admin_key,
+            "O365_SANDBOX_REFRESH_TOKEN": self.refresh_token,
+            "AIRFLOW_CONN_O365MAIL_DEFAULT": self.connection_json(),
+            "AIRFLOW_CONN_O365MAIL_APP": self.app_connection_json(),
+        }
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> SandboxInfo:
+        return cls(
+            state_dir=Path(env["O365_SANDBOX_STATE_DIR"]),
+            tenant_id=env["O365_SANDBOX_TENANT"],
+            idp_port=int(env["O365_SANDBOX_ADMIN_URL"].rsplit(":", 1)[1]),
+            imap_port=int(env["O365_SANDBOX_IMAP_PORT"]),
+            smtp_port=int(env["O365_SANDBOX_SMTP_PORT"]),
+            ca_file=env["O365_SANDBOX_CA_FILE"],
+            client_id=env["O365_SANDBOX_CLIENT_ID"],
+            client_secret=env["O365_SANDBOX_CLIENT_SECRET"],
+            app_client_id=env["O365_SANDBOX_APP_CLIENT_ID"],
+            app_client_secret=env["O365_SANDBOX_APP_CLIENT_SECRET"],
+            user=env["O365_SANDBOX_USER"],
+            user_password=env["O365_SANDBOX_USER_PASSWORD"],
+            second_user=env["O365_SANDBOX_SECOND_USER"],
+            shared_mailbox=env["O365_SANDBOX_SHARED_MAILBOX"],
+            admin_key=env["O365_SANDBOX_ADMIN_KEY"],
+            refresh_token=env["O365_SANDBOX_REFRESH_TOKEN"],
+        )
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    """``KEY='value'`` lines: a shell can ``source`` them, :func:`read_env_file` parses them."""
+    lines = []
+    for key, value in values.items():
+        if "'" in value or "\n" in value:
+            raise ValueError(f"{key} cannot be written to an env file safely")
+        lines.append(f"{key}='{value}'\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(lines)
+
+
+def read_env_file(path: Path | str) -> dict[str, str]:
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip().removeprefix("export ").strip()] = value
+    return values
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, what: str, log: Path | None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s\n{tail}")
+
+
+class Sandbox:
+    """The sandbox living in ``state_dir``."""
+
+    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR) -> None:
+        self.state_dir = Path(state_dir)
+        self.config_file = self.state_dir / "sandbox.json"
+        self.idp_pid_file = self.state_dir / "entra.pid"
+
+    # ------------------------------------------------------------------ configuration
+    def _create_config(self) -> dict:
+        certs = tls.ensure_certificates(self.state_dir / "tls")
+        tenant_id = str(uuid.uuid4())
+        config = {
+            "tenant_id": tenant_id,
+            "tenant_domain": DOMAIN,
+            "admin_key": secrets.token_urlsafe(24),
+            "cert_file": str(certs.cert_file),
+            "key_file": str(certs.key_file),
+            "ca_file": str(certs.ca_file),
+            "idp_port": _free_port(),
+            "imap_port": _free_port(),
+            "smtp_port": _free_port(),
+            "lmtp_port": _free_port(),
+            "client_id": str(uuid.uuid4()),
+            "app_client_id": str(uuid.uuid4()),
+            "user": f"alex@{DOMAIN}",
+            "second_user": f"blair@{DOMAIN}",
+            "shared_mailbox": f"shared@{DOMAIN}",
+            "user_password": secrets.token_urlsafe(12),
+        }
+        self._seed_directory(config)
+        return config
+
+    def _seed_directory(self, config: dict) -> None:
+        from airflow_provider_o365mail.testing.entra.directory import App, Directory, Secret
+
+        directory = Directory(self.state_dir / "entra", config["tenant_id"], DOMAIN)
+        directory.add_user(config["user"], "Alex Sandbox", config["user_password"], auto_approve=True)
+        directory.add_user(config["second_user"], "Blair Sandbox", config["user_password"])
+        directory.add_user(config["shared_mailbox"], "Shared Mailbox", secrets.token_urlsafe(24))
+        year = 365 * 86400
+        secret = Secret(str(uuid.uuid4()), f"sbx~{secrets.token_urlsafe(30)}", time.time() + 2 * year)
+        app_secret = Secret(str(uuid.uuid4()), f"sbx~{secrets.token_urlsafe(30)}", time.time() + 2 * year)
+        directory.add_app(
+            App(
+                client_id=config["client_id"],
+                name="Airflow O365 Mail (sandbox)",
+                redirect_uris=[REDIRECT_URI],
+                delegated_permissions={
+                    "https://outlook.office.com": ["IMAP.AccessAsUser.All", "SMTP.Send"],
+                    "https://graph.microsoft.com": ["User.Read"],
+                },
+                secrets=[secret],
+            )
+        )
+        directory.add_app(
+            App(
+                client_id=config["app_client_id"],
+                name="Airflow O365 Mail daemon (sandbox)",
+                redirect_uris=[],
+                delegated_permissions={},
+                secrets=[app_secret],
+                app_roles={"https://outlook.office.com": ["IMAP.AccessAsApp", "SMTP.SendAsApp"]},
+                mailbox_permissions=[config["user"]],
+            )
+        )
+        directory.grant_consent(
+            config["user"], config["client_id"], "https://outlook.office.com", ["IMAP.AccessAsUser.All", "SMTP.Send"]
+        )
+        config["client_secret"] = secret.value
+        config["app_client_secret"] = app_secret.value
+
+    def _load_config(self) -> dict:
+        if self.config_file.exists():
+            return json.loads(self.config_file.read_text())
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o755)  # the mail daemons' users must traverse it
+        config = self._create_config()
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(config, fh, indent=1)
+        (self.state_dir / "entra.json").write_text(json.dumps(config))
+        (self.state_dir / "entra.json").chmod(0o600)
+        return config
+
+    def mail_config(self, config: dict) -> mailservers.MailServerConfig:
+        return mailservers.MailServerConfig(
+            root=self.state_dir,
+            domain=DOMAIN,
+            mailboxes=(
+                mailservers.Mailbox(config["user"]),
+                mailservers.Mailbox(config["second_user"]),
+                mailservers.Mailbox(config["shared_mailbox"], send_as=(config["user"],)),
+            ),
+            imap_port=config["imap_port"],
+            smtp_port=config["smtp_port"],
+            lmtp_port=config["lmtp_port"],
+            introspection_url=f"https://127.0.0.1:{config['idp_port']}/_sandbox/exchange/introspect",
+            ca_file=Path(config["ca_file"]),
+            cert_file=Path(config["cert_file"]),
+            key_file=Path(config["key_file"]),
+        )
+
+    # ------------------------------------------------------------------ processes
+    def _idp_pid(self) -> int | None:
+        try:
+            pid = int(self.idp_pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def _start_idp(self, config: dict) -> None:
+        process = None
+        if self._idp_pid() is None:
+            with open(self.state_dir / "entra.log", "ab") as log:
+                process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "airflow_provider_o365mail.testing.entra.server",
+                        "--state-dir",
+                        str(self.state_dir),
+                        "--port",
+                        str(config["idp_port"]),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    cwd=self.state_dir,
+                )
+            self.idp_pid_file.write_text(str(process.pid))
+        session = tls_session(config["ca_file"])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                session.get(f"https://127.0.0.1:{config['idp_port']}/_sandbox/health", timeout=2).raise_for_status()
+                return
+            except (requests.RequestException, ssl.SSLError):
+                died = process is not None and process.poll() is not None
+                if died or time.monotonic() > deadline or self._idp_pid() is None:
+                    tail = (self.state_dir / "entra.log").read_text()[-3000:]
+                    raise RuntimeError(f"the Entra ID stand-in did not start:\n{tail}") from None
+                time.sleep(0.1)
+
+    def up(self, env_file: Path | None = None) -> SandboxInfo:
+        missing = mailservers.missing_packages()
+        if missing:
+            mailservers.install_packages(missing)
+        config = self._load_config()
+        self._start_idp(config)
+        mail = self.mail_config(config)
+        mailservers.write_configs(mail)
+        mailservers.start_dovecot(mail)
+        mailservers.start_postfix(mail)
+        _wait_for_port(config["imap_port"], "Dovecot IMAP", mail.dovecot_dir / "dovecot.log")
+        _wait_for_port(config["smtp_port"], "Postfix submission", mail.postfix_dir / "postfix.log")
+        info = self._info(config)
+        if env_file is not None:
+            write_env_file(Path(env_file), info.env())
+        return info
+
+    def _info(self, config: dict) -> SandboxInfo:
+        partial = SandboxInfo(
+            state_dir=self.state_dir,
+            tenant_id=config["tenant_id"],
+            idp_port=config["idp_port"],
+            imap_port=config["imap_port"],
+            smtp_port=config["smtp_port"],
+            ca_file=config["ca_file"],
+            client_id=config["client_id"],
+            client_secret=config["client_secret"],
+            app_client_id=config["app_client_id"],
+            app_client_secret=config["app_client_secret"],
+            user=config["user"],
+            user_password=config["user_password"],
+            second_user=config["second_user"],
+            shared_mailbox=config["shared_mailbox"],
+            admin_key=config["admin_key"],
+            refresh_token="",
+        )
+        refresh_token = partial.admin().new_refresh_token(
+            client_id=config["client_id"],
+            client_secret=config["client_secret"],
+            upn=config["user"],
+            scope=DELEGATED_SCOPES,
+            redirect_uri=REDIRECT_URI,
+        )
+        return SandboxInfo(**{**partial.__dict__, "refresh_token": refresh_token})
+
+    def running(self) -> dict[str, int | None]:
+        if not self.config_file.exists():
+            return {"entra": None, "dovecot": None, "postfix": None}
+        mail = self.mail_config(json.loads(self.config_file.read_text()))
+        return {
+            "entra": self._idp_pid(),
+            "dovecot": mailservers.dovecot_pid(mail),
+            "postfix": mailservers.postfix_pid(mail),
+        }
+
+    def down(self, purge: bool = False) -> None:
+        if self.config_file.exists():
+            mail = self.mail_config(json.loads(self.config_file.read_text()))
+            mailservers.stop(mail)
+        pid = self._idp_pid()
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self._idp_pid() is not None:
+                time.sleep(0.05)
+            if self._idp_pid() is not None:
+                os.killpg(pid, signal.SIGKILL)
+        self.idp_pid_file.unlink(missing_ok=True)
+        if purge:
+            import shutil
+
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def clean_mailboxes(self) -> None:
+        mailservers.clean_mailboxes(self.mail_config(json.loads(self.config_file.read_text())))
