@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -42,15 +42,15 @@ class SandboxInfo:
     smtp_port: int
     ca_file: str
     client_id: str
-    client_secret: str
+    client_secret: str = field(repr=False)
     app_client_id: str
-    app_client_secret: str
+    app_client_secret: str = field(repr=False)
     user: str
-    user_password: str
+    user_password: str = field(repr=False)
     second_user: str
     shared_mailbox: str
-    admin_key: str
-    refresh_token: str
+    admin_key: str = field(repr=False)
+    refresh_token: str = field(repr=False)
 
     @property
     def idp_url(self) -> str:

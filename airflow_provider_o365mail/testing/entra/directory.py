@@ -264,6 +264,8 @@ class Directory:
 
     def add_app(self, app: App) -> App:
         with self._lock:
+            for secret in app.secrets:
+                self.record_issued(secret.value)
             self.apps[app.client_id] = app
             self.save()
             return app
@@ -315,6 +317,7 @@ class Directory:
                 expires_at=self.now() + lifetime_days * DAY,
             )
             self.app(client_id).secrets.append(secret)
+            self.record_issued(secret.value)
             self.save()
             return secret
 
@@ -515,7 +518,8 @@ class Directory:
         resource, wanted = self.requested_permissions(app, request)
         if resource is not None and not wanted <= set(grant.permissions.get(resource, [])):
             raise errors.consent_missing(app.client_id, app.name)
-        return self._issue_delegated(app, user, request, nonce=None)
+        # The refresh token itself proves offline_access: Microsoft always answers with a new one.
+        return self._issue_delegated(app, user, request, nonce=None, refresh_token=True)
 
     def client_credentials(self, app: App, form: dict[str, str]) -> dict:
         scope = form.get("scope")
@@ -550,7 +554,9 @@ class Directory:
             "access_token": self.sign(claims),
         }
 
-    def _issue_delegated(self, app: App, user: User, request: scopes.ScopeRequest, nonce: str | None) -> dict:
+    def _issue_delegated(
+        self, app: App, user: User, request: scopes.ScopeRequest, nonce: str | None, refresh_token: bool = False
+    ) -> dict:
         if user.blocked_by_conditional_access:
             raise errors.conditional_access_blocked()
         resource, wanted = self.requested_permissions(app, request)
@@ -588,7 +594,7 @@ class Directory:
             "ver": "1.0",
         }
         body["access_token"] = self.sign(claims)
-        if request.wants_refresh_token:
+        if refresh_token or request.wants_refresh_token:
             body["refresh_token"] = self._seal_refresh_token(user, app)
         if "openid" in request.oidc:
             id_claims = {
@@ -614,13 +620,24 @@ class Directory:
     issuer_base = "https://127.0.0.1"
 
     def sign(self, claims: dict) -> str:
-        return jwt.encode(
+        token = jwt.encode(
             claims, self._signing_key, algorithm="RS256", headers={"kid": self.kid, "x5t": self.kid, "typ": "JWT"}
         )
+        self.record_issued(token)
+        return token
+
+    def record_issued(self, secret: str) -> None:
+        """Append an issued secret to ``issued-secrets.txt`` (0600): leak checks scan logs for each."""
+        with self._lock:
+            fd = os.open(self.state_dir / "issued-secrets.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as fh:
+                fh.write(secret + "\n")
 
     def _seal_refresh_token(self, user: User, app: App) -> str:
         payload = {"u": user.upn, "c": app.client_id, "i": self.now(), "j": secrets.token_urlsafe(12)}
-        return "1.A" + self._seal.encrypt(json.dumps(payload).encode()).decode()
+        token = "1.A" + self._seal.encrypt(json.dumps(payload).encode()).decode()
+        self.record_issued(token)
+        return token
 
     def _unseal(self, token: str) -> dict | None:
         if not token.startswith("1.A"):

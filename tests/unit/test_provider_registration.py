@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import distribution, entry_points
+
+from airflow_provider_o365mail.get_provider_info import get_provider_info
+
+
+def test_package_name_matches_the_distribution():
+    info = get_provider_info()
+    assert info["package-name"] == distribution("airflow-provider-o365mail").metadata["Name"]
+    eps = [ep for ep in entry_points(group="apache_airflow_provider") if ep.value.startswith("airflow_provider_o365mail")]
+    assert len(eps) == 1 and eps[0].load() is get_provider_info
+
+
+def test_secret_fields_are_masked_and_named_so():
+    fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    assert fields["refresh_token"]["schema"]["format"] == "password"
+    for name in fields:
+        if name != "refresh_token":
+            assert "token" not in name and "secret" not in name, f"{name} would be masked by Airflow"
+
+
+def test_providers_manager_and_hook_meta_see_the_connection_type():
+    code = """
+import json
+from airflow.providers_manager import ProvidersManager
+pm = ProvidersManager()
+from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+meta = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "o365mail"]
+print(json.dumps({
+  "provider": "airflow-provider-o365mail" in pm.providers,
+  "hook": pm.hooks["o365mail"].hook_class_name if "o365mail" in pm.hooks else None,
+  "meta": [m.model_dump(mode="json") for m in meta],
+}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["provider"] is True
+    assert result["hook"] == "airflow_provider_o365mail.hooks.o365mail.O365MailHook"
+    (meta,) = result["meta"]
+    assert meta["hook_name"] == "Microsoft 365 Mail (OAuth2)"
+    extra = meta["extra_fields"]
+    for name in ("tenant_id", "authority", "grant_type", "mailbox", "refresh_token", "scopes", "imap_host",
+                 "imap_port", "smtp_host", "smtp_port", "cloud", "ca_bundle", "timeout"):
+        assert name in extra, name
+    assert extra["refresh_token"]["schema"]["format"] == "password"
+    assert meta["standard_fields"]["login"]["title"] == "Client ID"
+    assert meta["standard_fields"]["password"]["title"] == "Client secret"
+    assert meta["standard_fields"]["host"]["hidden"] is True
+
+
+def test_airflow_providers_list_shows_the_provider():
+    out = subprocess.run(
+        [sys.executable, "-m", "airflow", "providers", "list", "-o", "json"], capture_output=True, text=True, check=True
+    ).stdout
+    names = [p["package_name"] for p in json.loads(out[out.index("["):])]
+    assert "airflow-provider-o365mail" in names
