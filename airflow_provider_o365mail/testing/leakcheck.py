@@ -23,6 +23,8 @@ def find_leaks(texts: Iterable[tuple[str, str]], secrets: set[str]) -> list[str]
             # A JWT's header is shared by all tokens; look for the signature-bearing tail too.
             probes = {secret, secret[-43:]} if secret.count(".") == 2 else {secret}
             if any(p in text for p in probes):
-                leaks.append(f"{where}: contains a secret issued by the sandbox ({len(secret)} chars, ends ...{secret[-4:]})")
+                leaks.append(
+                    f"{where}: contains a secret issued by the sandbox ({len(secret)} chars, ends ...{secret[-4:]})"
+                )
                 break
     return leaks

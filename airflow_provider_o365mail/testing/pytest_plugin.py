@@ -51,8 +51,9 @@ def o365_admin(o365_sandbox):
 
     admin.consent(o365_sandbox.user, o365_sandbox.client_id, DELEGATED_SCOPES)
     for upn in (o365_sandbox.user, o365_sandbox.second_user):
-        admin.update_user(upn, mfa_required=False, blocked_by_conditional_access=False,
-                          smtp_auth_enabled=True, imap_enabled=True)
+        admin.update_user(
+            upn, mfa_required=False, blocked_by_conditional_access=False, smtp_auth_enabled=True, imap_enabled=True
+        )
 
 
 @pytest.fixture
@@ -68,8 +69,11 @@ def o365mail_conn(o365_sandbox, o365_admin, monkeypatch: pytest.MonkeyPatch) -> 
     from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES, REDIRECT_URI
 
     refresh_token = o365_admin.new_refresh_token(
-        client_id=o365_sandbox.client_id, client_secret=o365_sandbox.client_secret, upn=o365_sandbox.user,
-        scope=DELEGATED_SCOPES, redirect_uri=REDIRECT_URI,
+        client_id=o365_sandbox.client_id,
+        client_secret=o365_sandbox.client_secret,
+        upn=o365_sandbox.user,
+        scope=DELEGATED_SCOPES,
+        redirect_uri=REDIRECT_URI,
     )
     conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", o365_sandbox.connection_json(refresh_token=refresh_token))

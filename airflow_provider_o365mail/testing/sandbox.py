@@ -339,7 +339,17 @@ class Sandbox:
                     raise RuntimeError(f"the Entra ID stand-in did not start:\n{tail}") from None
                 time.sleep(0.1)
 
+    def _check_traversable(self) -> None:
+        """Dovecot and Postfix run as their own users: every parent of the state dir must be searchable."""
+        for parent in self.state_dir.resolve().parents:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                raise RuntimeError(
+                    f"{parent} is not searchable by other users (mode {oct(parent.stat().st_mode & 0o777)}), so the "
+                    f"mail daemons cannot reach {self.state_dir}. Choose a --state-dir under /tmp or /var/tmp."
+                )
+
     def up(self, env_file: Path | None = None) -> SandboxInfo:
+        self._check_traversable()
         missing = mailservers.missing_packages()
         if missing:
             mailservers.install_packages(missing)

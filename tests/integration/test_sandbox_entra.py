@@ -17,8 +17,11 @@ SCOPES = DELEGATED_SCOPES.split()
 
 def msal_app(sbx, client_id=None, secret=None):
     return msal.ConfidentialClientApplication(
-        client_id or sbx.client_id, client_credential=secret or sbx.client_secret, authority=sbx.authority,
-        instance_discovery=False, http_client=tls_session(sbx.ca_file),
+        client_id or sbx.client_id,
+        client_credential=secret or sbx.client_secret,
+        authority=sbx.authority,
+        instance_discovery=False,
+        http_client=tls_session(sbx.ca_file),
     )
 
 
@@ -29,13 +32,21 @@ def token_post(sbx, **form):
 
 
 def fresh_rt(sbx, admin):
-    return admin.new_refresh_token(client_id=sbx.client_id, client_secret=sbx.client_secret, upn=sbx.user,
-                                   scope=DELEGATED_SCOPES, redirect_uri=REDIRECT_URI)
+    return admin.new_refresh_token(
+        client_id=sbx.client_id,
+        client_secret=sbx.client_secret,
+        upn=sbx.user,
+        scope=DELEGATED_SCOPES,
+        redirect_uri=REDIRECT_URI,
+    )
 
 
 def test_discovery_document_has_what_msal_needs(o365_sandbox):
-    doc = tls_session(o365_sandbox.ca_file).get(
-        f"{o365_sandbox.authority}/v2.0/.well-known/openid-configuration", timeout=10).json()
+    doc = (
+        tls_session(o365_sandbox.ca_file)
+        .get(f"{o365_sandbox.authority}/v2.0/.well-known/openid-configuration", timeout=10)
+        .json()
+    )
     assert doc["token_endpoint"] == f"{o365_sandbox.authority}/oauth2/v2.0/token"
     assert doc["authorization_endpoint"] == f"{o365_sandbox.authority}/oauth2/v2.0/authorize"
     keys = tls_session(o365_sandbox.ca_file).get(doc["jwks_uri"], timeout=10).json()["keys"]
@@ -55,7 +66,8 @@ def test_auth_code_with_pkce_state_and_nonce_through_the_sign_in_page(o365_sandb
     answer = session.post(
         flow["auth_uri"].split("?")[0],
         data={"flow": flow_id, "login": sbx.second_user, "passwd": sbx.user_password, "decision": "accept"},
-        allow_redirects=False, timeout=10,
+        allow_redirects=False,
+        timeout=10,
     )
     assert answer.status_code == 302
     location = urlsplit(answer.headers["location"])
@@ -75,8 +87,9 @@ def test_declined_consent_redirects_with_access_denied(o365_sandbox, o365_admin)
     session = tls_session(sbx.ca_file)
     page = session.get(flow["auth_uri"], timeout=10)
     flow_id = re.search(r'name="flow" value="([^"]+)"', page.text).group(1)
-    answer = session.post(flow["auth_uri"].split("?")[0], data={"flow": flow_id, "decision": "cancel"},
-                          allow_redirects=False, timeout=10)
+    answer = session.post(
+        flow["auth_uri"].split("?")[0], data={"flow": flow_id, "decision": "cancel"}, allow_redirects=False, timeout=10
+    )
     params = {k: v[0] for k, v in parse_qs(urlsplit(answer.headers["location"]).query).items()}
     assert params["error"] == "access_denied" and params["error_description"].startswith("AADSTS65004")
     assert params["state"] == flow["state"]
@@ -86,8 +99,15 @@ def test_unregistered_redirect_uri_is_never_redirected_to(o365_sandbox):
     sbx = o365_sandbox
     response = tls_session(sbx.ca_file).get(
         f"{sbx.authority}/oauth2/v2.0/authorize",
-        params={"client_id": sbx.client_id, "response_type": "code", "redirect_uri": "https://evil.example/cb",
-                "scope": DELEGATED_SCOPES}, allow_redirects=False, timeout=10)
+        params={
+            "client_id": sbx.client_id,
+            "response_type": "code",
+            "redirect_uri": "https://evil.example/cb",
+            "scope": DELEGATED_SCOPES,
+        },
+        allow_redirects=False,
+        timeout=10,
+    )
     assert response.status_code == 400 and "AADSTS50011" in response.text
 
 
@@ -139,21 +159,34 @@ def test_access_token_shape(o365_sandbox, o365_admin):
 # ---------------------------------------------------------------- every listed AADSTS error
 def _code_twice(sbx, admin):
     admin.consent(sbx.user, sbx.client_id, DELEGATED_SCOPES)
-    code, verifier = admin.authorize_silently(client_id=sbx.client_id, upn=sbx.user, scope=DELEGATED_SCOPES,
-                                              redirect_uri=REDIRECT_URI)
-    form = dict(grant_type="authorization_code", code=code, redirect_uri=REDIRECT_URI, code_verifier=verifier,
-                scope=DELEGATED_SCOPES)
+    code, verifier = admin.authorize_silently(
+        client_id=sbx.client_id, upn=sbx.user, scope=DELEGATED_SCOPES, redirect_uri=REDIRECT_URI
+    )
+    form = dict(
+        grant_type="authorization_code",
+        code=code,
+        redirect_uri=REDIRECT_URI,
+        code_verifier=verifier,
+        scope=DELEGATED_SCOPES,
+    )
     assert token_post(sbx, **form).status_code == 200
     return token_post(sbx, **form)
 
 
 def _expired_code(sbx, admin):
     admin.consent(sbx.user, sbx.client_id, DELEGATED_SCOPES)
-    code, verifier = admin.authorize_silently(client_id=sbx.client_id, upn=sbx.user, scope=DELEGATED_SCOPES,
-                                              redirect_uri=REDIRECT_URI)
+    code, verifier = admin.authorize_silently(
+        client_id=sbx.client_id, upn=sbx.user, scope=DELEGATED_SCOPES, redirect_uri=REDIRECT_URI
+    )
     admin.update_settings(clock_offset=601)
-    return token_post(sbx, grant_type="authorization_code", code=code, redirect_uri=REDIRECT_URI,
-                      code_verifier=verifier, scope=DELEGATED_SCOPES)
+    return token_post(
+        sbx,
+        grant_type="authorization_code",
+        code=code,
+        redirect_uri=REDIRECT_URI,
+        code_verifier=verifier,
+        scope=DELEGATED_SCOPES,
+    )
 
 
 def _refresh_after(action):
@@ -161,12 +194,18 @@ def _refresh_after(action):
         rt = fresh_rt(sbx, admin)
         action(sbx, admin)
         return token_post(sbx, grant_type="refresh_token", refresh_token=rt, scope=DELEGATED_SCOPES)
+
     return run
 
 
 def _wrong_secret(sbx, admin):
-    return token_post(sbx, client_secret="not-the-secret", grant_type="refresh_token",
-                      refresh_token=fresh_rt(sbx, admin), scope=DELEGATED_SCOPES)
+    return token_post(
+        sbx,
+        client_secret="not-the-secret",
+        grant_type="refresh_token",
+        refresh_token=fresh_rt(sbx, admin),
+        scope=DELEGATED_SCOPES,
+    )
 
 
 CASES = {
@@ -177,7 +216,10 @@ CASES = {
     7000215: (_wrong_secret, "invalid_client"),
     50076: (_refresh_after(lambda s, a: a.update_user(s.user, mfa_required=True)), "invalid_grant"),
     53003: (_refresh_after(lambda s, a: a.update_user(s.user, blocked_by_conditional_access=True)), "invalid_grant"),
-    70000: (lambda s, a: token_post(s, grant_type="refresh_token", refresh_token="1.Agarbage", scope=DELEGATED_SCOPES), "invalid_grant"),
+    70000: (
+        lambda s, a: token_post(s, grant_type="refresh_token", refresh_token="1.Agarbage", scope=DELEGATED_SCOPES),
+        "invalid_grant",
+    ),
     54005: (_code_twice, "invalid_grant"),
     900144: (lambda s, a: token_post(s, grant_type="refresh_token", refresh_token=fresh_rt(s, a)), "invalid_request"),
 }
@@ -206,8 +248,13 @@ def test_aadsts7000222_expired_secret(o365_sandbox, o365_admin):
     # A second app secret that we expire; the sandbox's own secret is left alone.
     secret = admin.add_secret(sbx.app_client_id, lifetime_days=-1)
     try:
-        response = token_post(sbx, client_id=sbx.app_client_id, client_secret=secret["value"],
-                              grant_type="client_credentials", scope="https://outlook.office365.com/.default")
+        response = token_post(
+            sbx,
+            client_id=sbx.app_client_id,
+            client_secret=secret["value"],
+            grant_type="client_credentials",
+            scope="https://outlook.office365.com/.default",
+        )
     finally:
         admin.remove_secret(sbx.app_client_id, secret["secret_id"])
     assert response.status_code == 401

@@ -31,11 +31,20 @@ def responder(s):
 @pytest.fixture
 def access_token(o365_sandbox, o365_admin):
     sbx = o365_sandbox
-    rt = o365_admin.new_refresh_token(client_id=sbx.client_id, client_secret=sbx.client_secret, upn=sbx.user,
-                                      scope=DELEGATED_SCOPES, redirect_uri=REDIRECT_URI)
-    app = msal.ConfidentialClientApplication(sbx.client_id, client_credential=sbx.client_secret,
-                                             authority=sbx.authority, instance_discovery=False,
-                                             http_client=tls_session(sbx.ca_file))
+    rt = o365_admin.new_refresh_token(
+        client_id=sbx.client_id,
+        client_secret=sbx.client_secret,
+        upn=sbx.user,
+        scope=DELEGATED_SCOPES,
+        redirect_uri=REDIRECT_URI,
+    )
+    app = msal.ConfidentialClientApplication(
+        sbx.client_id,
+        client_credential=sbx.client_secret,
+        authority=sbx.authority,
+        instance_discovery=False,
+        http_client=tls_session(sbx.ca_file),
+    )
     return Token(app.acquire_token_by_refresh_token(rt, DELEGATED_SCOPES.split())["access_token"])
 
 
@@ -210,9 +219,13 @@ def test_send_as_another_mailbox_needs_permission(o365_sandbox, access_token):
 
 def test_client_credentials_token_opens_the_permitted_mailbox(o365_sandbox):
     sbx = o365_sandbox
-    app = msal.ConfidentialClientApplication(sbx.app_client_id, client_credential=sbx.app_client_secret,
-                                             authority=sbx.authority, instance_discovery=False,
-                                             http_client=tls_session(sbx.ca_file))
+    app = msal.ConfidentialClientApplication(
+        sbx.app_client_id,
+        client_credential=sbx.app_client_secret,
+        authority=sbx.authority,
+        instance_discovery=False,
+        http_client=tls_session(sbx.ca_file),
+    )
     token = app.acquire_token_for_client(["https://outlook.office365.com/.default"])["access_token"]
     imap_login(sbx, sbx.user, token).logout()
     smtp_login(sbx, sbx.user, token).quit()

@@ -50,7 +50,10 @@ def test_defaults_for_the_global_cloud():
         "https://outlook.office.com/SMTP.Send",
     )
     assert (s.imap_host, s.imap_port, s.smtp_host, s.smtp_port) == (
-        "outlook.office365.com", 993, "smtp.office365.com", 587,
+        "outlook.office365.com",
+        993,
+        "smtp.office365.com",
+        587,
     )
     assert s.is_microsoft_authority and s.delegated
 
@@ -66,22 +69,30 @@ def test_client_credentials_defaults_and_checks():
     s = settings_from_fields("c", "client", "secret", {**BASE, "grant_type": "client_credentials"})
     assert s.scopes == ("https://outlook.office365.com/.default",)
     with pytest.raises(ConnectionConfigError, match="tenant-specific"):
-        settings_from_fields("c", "client", "secret", {"tenant_id": "common", "mailbox": "a@b", "grant_type": "client_credentials"})
+        settings_from_fields(
+            "c", "client", "secret", {"tenant_id": "common", "mailbox": "a@b", "grant_type": "client_credentials"}
+        )
     with pytest.raises(ConnectionConfigError, match="/.default"):
         settings_from_fields(
-            "c", "client", "secret",
+            "c",
+            "client",
+            "secret",
             {**BASE, "grant_type": "client_credentials", "scopes": "https://outlook.office.com/SMTP.Send"},
         )
 
 
 def test_reserved_scopes_are_dropped_because_msal_adds_them():
-    s = settings_from_fields("c", "client", "secret", {**BASE, "scopes": "offline_access openid https://outlook.office.com/SMTP.Send"})
+    s = settings_from_fields(
+        "c", "client", "secret", {**BASE, "scopes": "offline_access openid https://outlook.office.com/SMTP.Send"}
+    )
     assert s.scopes == ("https://outlook.office.com/SMTP.Send",)
 
 
 def test_tenant_mismatch_between_tenant_id_and_authority():
     with pytest.raises(ConnectionConfigError, match="differs"):
-        settings_from_fields("c", "client", "secret", {**BASE, "authority": "https://login.microsoftonline.com/other/oauth2/v2.0/token"})
+        settings_from_fields(
+            "c", "client", "secret", {**BASE, "authority": "https://login.microsoftonline.com/other/oauth2/v2.0/token"}
+        )
 
 
 @pytest.mark.parametrize(
@@ -107,7 +118,8 @@ def test_secrets_stay_out_of_repr():
 
 def test_connection_from_uri_with_string_extras(monkeypatch):
     uri = (
-        "o365mail://client-id:the%2Fsecret@/?tenant_id=" + TENANT
+        "o365mail://client-id:the%2Fsecret@/?tenant_id="
+        + TENANT
         + "&mailbox=reports%40contoso.com&imap_port=1993&timeout=12.5"
     )
     monkeypatch.setenv("AIRFLOW_CONN_O365_URI", uri)

@@ -11,7 +11,9 @@ from airflow_provider_o365mail.get_provider_info import get_provider_info
 def test_package_name_matches_the_distribution():
     info = get_provider_info()
     assert info["package-name"] == distribution("airflow-provider-o365mail").metadata["Name"]
-    eps = [ep for ep in entry_points(group="apache_airflow_provider") if ep.value.startswith("airflow_provider_o365mail")]
+    eps = [
+        ep for ep in entry_points(group="apache_airflow_provider") if ep.value.startswith("airflow_provider_o365mail")
+    ]
     assert len(eps) == 1 and eps[0].load() is get_provider_info
 
 
@@ -43,8 +45,21 @@ print(json.dumps({
     (meta,) = result["meta"]
     assert meta["hook_name"] == "Microsoft 365 Mail (OAuth2)"
     extra = meta["extra_fields"]
-    for name in ("tenant_id", "authority", "grant_type", "mailbox", "refresh_token", "scopes", "imap_host",
-                 "imap_port", "smtp_host", "smtp_port", "cloud", "ca_bundle", "timeout"):
+    for name in (
+        "tenant_id",
+        "authority",
+        "grant_type",
+        "mailbox",
+        "refresh_token",
+        "scopes",
+        "imap_host",
+        "imap_port",
+        "smtp_host",
+        "smtp_port",
+        "cloud",
+        "ca_bundle",
+        "timeout",
+    ):
         assert name in extra, name
     assert extra["refresh_token"]["schema"]["format"] == "password"
     assert meta["standard_fields"]["login"]["title"] == "Client ID"
@@ -56,5 +71,5 @@ def test_airflow_providers_list_shows_the_provider():
     out = subprocess.run(
         [sys.executable, "-m", "airflow", "providers", "list", "-o", "json"], capture_output=True, text=True, check=True
     ).stdout
-    names = [p["package_name"] for p in json.loads(out[out.index("["):])]
+    names = [p["package_name"] for p in json.loads(out[out.index("[") :])]
     assert "airflow-provider-o365mail" in names

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv with the provider and its test tools, and install the sandbox's Debian packages.
+# Safe to re-run. Run as root on a fresh Debian/Ubuntu machine (apt-get is used when needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "Python >= 3.11 is required (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    rm -rf .venv && "$PYTHON" -m venv .venv
+  fi
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+# Dovecot and Postfix: installed without starting the system-wide daemons.
+.venv/bin/python -c 'from airflow_provider_o365mail.testing import mailservers as m; missing = m.missing_packages(); missing and m.install_packages(missing)'
