@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES, REDIRECT_URI, SandboxInfo, read_env_file
+from airflow_provider_o365mail.testing.sandbox import SandboxInfo, read_env_file
 
 
 def main() -> None:
@@ -37,13 +37,7 @@ def main() -> None:
         AIRFLOW__CORE__FERNET_KEY="sxgU9Vw5J1kPp0mUwNDg2B0xlJ0m4zM2f9YQ6u3qk1Q=",
     )
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    rt = admin.new_refresh_token(
-        client_id=sbx.client_id,
-        client_secret=sbx.client_secret,
-        upn=sbx.user,
-        scope=DELEGATED_SCOPES,
-        redirect_uri=REDIRECT_URI,
-    )
+    rt = sbx.new_refresh_token()
     os.environ["AIRFLOW_CONN_O365MAIL_BENCH"] = sbx.connection_json(refresh_token=rt)
 
     from airflow_provider_o365mail.hooks.o365mail import O365MailHook

@@ -66,15 +66,8 @@ def o365_clean_mailboxes(o365_sandbox) -> None:
 @pytest.fixture
 def o365mail_conn(o365_sandbox, o365_admin, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A connection id backed by a fresh grant (own refresh token, empty token store)."""
-    from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES, REDIRECT_URI
 
-    refresh_token = o365_admin.new_refresh_token(
-        client_id=o365_sandbox.client_id,
-        client_secret=o365_sandbox.client_secret,
-        upn=o365_sandbox.user,
-        scope=DELEGATED_SCOPES,
-        redirect_uri=REDIRECT_URI,
-    )
+    refresh_token = o365_sandbox.new_refresh_token()
     conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", o365_sandbox.connection_json(refresh_token=refresh_token))
     yield conn_id

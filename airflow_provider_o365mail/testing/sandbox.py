@@ -63,6 +63,16 @@ class SandboxInfo:
     def admin(self) -> SandboxAdmin:
         return SandboxAdmin(self.idp_url, self.admin_key, self.ca_file, self.tenant_id)
 
+    def new_refresh_token(self, upn: str | None = None) -> str:
+        """Consent and redeem a fresh authorization code for ``upn`` (default: the sandbox user)."""
+        return self.admin().new_refresh_token(
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            upn=upn or self.user,
+            scope=DELEGATED_SCOPES,
+            redirect_uri=REDIRECT_URI,
+        )
+
     def connection_extra(self, **overrides: object) -> dict:
         extra = {
             "tenant_id": self.tenant_id,

@@ -113,19 +113,12 @@ def test_store_survives_a_worker_restart(o365mail_conn):
 
 
 def test_reauthorized_connection_reseeds_the_store(o365mail_conn, o365_admin, o365_sandbox, monkeypatch):
-    from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES, REDIRECT_URI
 
     O365MailHook(o365mail_conn).get_access_token()
     o365_admin.revoke_consent(o365_sandbox.user, o365_sandbox.client_id)
     with pytest.raises(exc.ConsentRevoked):
         O365MailHook(o365mail_conn).get_access_token(force_refresh=True)
-    new_rt = o365_admin.new_refresh_token(
-        client_id=o365_sandbox.client_id,
-        client_secret=o365_sandbox.client_secret,
-        upn=o365_sandbox.user,
-        scope=DELEGATED_SCOPES,
-        redirect_uri=REDIRECT_URI,
-    )
+    new_rt = o365_sandbox.new_refresh_token()
     monkeypatch.setenv(f"AIRFLOW_CONN_{o365mail_conn.upper()}", o365_sandbox.connection_json(refresh_token=new_rt))
     assert O365MailHook(o365mail_conn).access_token(force_refresh=True).source == "identity_provider"
 

@@ -32,13 +32,7 @@ def token_post(sbx, **form):
 
 
 def fresh_rt(sbx, admin):
-    return admin.new_refresh_token(
-        client_id=sbx.client_id,
-        client_secret=sbx.client_secret,
-        upn=sbx.user,
-        scope=DELEGATED_SCOPES,
-        redirect_uri=REDIRECT_URI,
-    )
+    return sbx.new_refresh_token()
 
 
 def test_discovery_document_has_what_msal_needs(o365_sandbox):

@@ -13,7 +13,7 @@ import msal
 import pytest
 
 from airflow_provider_o365mail.testing.admin import tls_session
-from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES, REDIRECT_URI
+from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES
 
 
 def ctx(sbx):
@@ -31,13 +31,7 @@ def responder(s):
 @pytest.fixture
 def access_token(o365_sandbox, o365_admin):
     sbx = o365_sandbox
-    rt = o365_admin.new_refresh_token(
-        client_id=sbx.client_id,
-        client_secret=sbx.client_secret,
-        upn=sbx.user,
-        scope=DELEGATED_SCOPES,
-        redirect_uri=REDIRECT_URI,
-    )
+    rt = sbx.new_refresh_token()
     app = msal.ConfidentialClientApplication(
         sbx.client_id,
         client_credential=sbx.client_secret,
