@@ -7,7 +7,7 @@ all read connections through :func:`settings_from_connection`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -97,9 +97,6 @@ class O365MailSettings:
     @property
     def delegated(self) -> bool:
         return self.grant_type == GRANT_AUTHORIZATION_CODE
-
-    def with_refresh_token(self, refresh_token: str | None) -> O365MailSettings:
-        return replace(self, refresh_token=refresh_token)
 
 
 def normalise_authority(value: str) -> tuple[str, str]:

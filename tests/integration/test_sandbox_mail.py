@@ -28,17 +28,21 @@ def responder(s):
     return lambda challenge=None: "" if challenge else s
 
 
-@pytest.fixture
-def access_token(o365_sandbox, o365_admin):
-    sbx = o365_sandbox
-    rt = sbx.new_refresh_token()
-    app = msal.ConfidentialClientApplication(
-        sbx.client_id,
-        client_credential=sbx.client_secret,
+def msal_app(sbx, client_id, client_secret):
+    return msal.ConfidentialClientApplication(
+        client_id,
+        client_credential=client_secret,
         authority=sbx.authority,
         instance_discovery=False,
         http_client=tls_session(sbx.ca_file),
     )
+
+
+@pytest.fixture
+def access_token(o365_sandbox, o365_admin):
+    sbx = o365_sandbox
+    rt = sbx.new_refresh_token()
+    app = msal_app(sbx, sbx.client_id, sbx.client_secret)
     return Token(app.acquire_token_by_refresh_token(rt, DELEGATED_SCOPES.split())["access_token"])
 
 
@@ -213,13 +217,7 @@ def test_send_as_another_mailbox_needs_permission(o365_sandbox, access_token):
 
 def test_client_credentials_token_opens_the_permitted_mailbox(o365_sandbox):
     sbx = o365_sandbox
-    app = msal.ConfidentialClientApplication(
-        sbx.app_client_id,
-        client_credential=sbx.app_client_secret,
-        authority=sbx.authority,
-        instance_discovery=False,
-        http_client=tls_session(sbx.ca_file),
-    )
+    app = msal_app(sbx, sbx.app_client_id, sbx.app_client_secret)
     token = app.acquire_token_for_client(["https://outlook.office365.com/.default"])["access_token"]
     imap_login(sbx, sbx.user, token).logout()
     smtp_login(sbx, sbx.user, token).quit()
