@@ -9,6 +9,10 @@
      +-- MailServerError                IMAP/SMTP refused something (transient or not, see subclasses)
      |    +-- MailAuthenticationError   the server refused the access token
      |    +-- TlsRequiredError          the server offered no TLS; nothing secret was sent
+     |    +-- MessageRejectedError      5xx for the sender or the message (no retries)
+     |    +-- RecipientsRefusedError    some recipients were refused permanently (others got the mail; no retries)
+     +-- MessageCompositionError (ValueError; no retries)  bad address, header injection, unreadable file
+     |    +-- MessageTooLargeError      larger than the server's SIZE limit
      +-- AuthorizationError (AirflowFailException: the task fails without retries)
           +-- ReauthorizationRequired   a person must consent again
           |    +-- ConsentRevoked           AADSTS65001 / consent removed at myapps.microsoft.com
@@ -104,3 +108,29 @@ class ClientCredentialError(AuthorizationError):
 
 class InvalidRequestError(AuthorizationError):
     """Any other permanent refusal by the identity provider."""
+
+
+class MessageCompositionError(O365MailError, AirflowFailException, ValueError):
+    """The message cannot be built from the given fields (bad address, header injection, missing file).
+
+    Retrying the task would build the same message again, so the task fails without retries.
+    """
+
+
+class MessageTooLargeError(MessageCompositionError):
+    """The message is larger than the SMTP server accepts."""
+
+
+class MessageRejectedError(MailServerError, AirflowFailException):
+    """The SMTP server refused the sender or the message with a permanent (5xx) reply."""
+
+
+class RecipientsRefusedError(MailServerError, AirflowFailException):
+    """The server refused some recipients permanently; the message went to the others.
+
+    The task fails without retries: a retry would send the message to the accepted recipients again.
+    """
+
+    def __init__(self, message: str, refused: dict[str, tuple[int, str]] | None = None) -> None:
+        super().__init__(message)
+        self.refused = dict(refused or {})

@@ -87,9 +87,14 @@ def get_provider_info() -> dict:
                 "tags": ["protocol"],
             }
         ],
+        "operators": [
+            {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.operators.smtp"]}
+        ],
         "hooks": [
             {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.hooks.o365mail"]}
         ],
+        "notifications": ["airflow_provider_o365mail.notifications.email.O365EmailNotifier"],
+        "email-backends": ["airflow_provider_o365mail.utils.email.send_email"],
         "connection-types": [
             {
                 "connection-type": "o365mail",

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-from airflow_provider_o365mail.testing.sandbox import SandboxInfo, read_env_file
+from common import bench_environment
 
 
 def main() -> None:
@@ -26,19 +24,8 @@ def main() -> None:
     parser.add_argument("--refreshes", type=int, default=20)
     args = parser.parse_args()
 
-    env = read_env_file(args.env_file)
-    sbx = SandboxInfo.from_env(env)
+    sbx = bench_environment(args.env_file)
     admin = sbx.admin()
-    home = tempfile.mkdtemp(prefix="o365-bench-")
-    os.environ.update(
-        AIRFLOW_HOME=home,
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        O365MAIL_LOCK_DIR=home,
-        AIRFLOW__CORE__FERNET_KEY="sxgU9Vw5J1kPp0mUwNDg2B0xlJ0m4zM2f9YQ6u3qk1Q=",
-    )
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    rt = sbx.new_refresh_token()
-    os.environ["AIRFLOW_CONN_O365MAIL_BENCH"] = sbx.connection_json(refresh_token=rt)
 
     from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 

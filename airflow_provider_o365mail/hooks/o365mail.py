@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import smtplib
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -21,6 +21,8 @@ from airflow_provider_o365mail.exceptions import (
     O365MailError,
     TlsRequiredError,
 )
+from airflow_provider_o365mail.mail.compose import OutgoingMessage, compose_message
+from airflow_provider_o365mail.mail.smtp_sender import SendResult, SmtpBatchSender, raise_for_refused
 from airflow_provider_o365mail.tls import client_ssl_context
 
 IMAP_REFUSAL_HINT = (
@@ -126,7 +128,7 @@ class O365MailHook(BaseHook):
                     client.shutdown()
 
     # ------------------------------------------------------------------ SMTP
-    def _smtp_login(self, user: str, force_refresh: bool) -> smtplib.SMTP:
+    def _smtp_login(self, user: str, force_refresh: bool) -> tuple[smtplib.SMTP, AccessToken]:
         s = self.settings
         client = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.timeout)
         try:
@@ -143,7 +145,8 @@ class O365MailHook(BaseHook):
                     f"SMTP server {s.smtp_host}:{s.smtp_port} does not offer AUTH XOAUTH2 after STARTTLS "
                     f"(offers: {client.esmtp_features.get('auth', 'nothing')!r}). SMTP AUTH may be disabled."
                 )
-            sasl = self.xoauth2_string(self.get_access_token(force_refresh=force_refresh), user=user)
+            token = self.access_token(force_refresh=force_refresh)
+            sasl = self.xoauth2_string(token.token, user=user)
             # The response goes after the 334 prompt: servers cut long AUTH lines (tokens are 1.5-3 kB).
             client.auth("XOAUTH2", xoauth2_responder(sasl), initial_response_ok=False)
         except smtplib.SMTPAuthenticationError as err:
@@ -162,17 +165,27 @@ class O365MailHook(BaseHook):
         except BaseException:
             _quietly_close(client)
             raise
-        return client
+        return client, token
+
+    def smtp_login(
+        self, mailbox: str | None = None, *, force_refresh: bool = False
+    ) -> tuple[smtplib.SMTP, AccessToken]:
+        """Open a logged-in SMTP session and say which access token it used (for its expiry).
+
+        The caller must ``quit()`` the client. A refused token is retried once with a refreshed one;
+        ``force_refresh`` replaces the current token first (a long session whose token nears expiry).
+        """
+        user = mailbox or self.settings.mailbox
+        try:
+            return self._smtp_login(user, force_refresh=force_refresh)
+        except MailAuthenticationError:
+            self.log.info("SMTP refused the access token for %s; retrying once with a refreshed token.", user)
+            return self._smtp_login(user, force_refresh=True)
 
     @contextlib.contextmanager
     def smtp_client(self, mailbox: str | None = None) -> Iterator[smtplib.SMTP]:
         """A logged-in :class:`smtplib.SMTP` (STARTTLS verified, AUTH XOAUTH2); QUITs on exit."""
-        user = mailbox or self.settings.mailbox
-        try:
-            client = self._smtp_login(user, force_refresh=False)
-        except MailAuthenticationError:
-            self.log.info("SMTP refused the access token for %s; retrying once with a refreshed token.", user)
-            client = self._smtp_login(user, force_refresh=True)
+        client, _ = self.smtp_login(mailbox)
         try:
             yield client
         finally:
@@ -180,6 +193,42 @@ class O365MailHook(BaseHook):
                 client.quit()
             except Exception:
                 _quietly_close(client)
+
+    # ------------------------------------------------------------------ sending
+    def compose(self, *, from_email: str | None = None, **fields: Any) -> OutgoingMessage:
+        """Build a message from this connection's mailbox (or ``from_email``); see :func:`compose_message`."""
+        return compose_message(sender=from_email or self.settings.mailbox, **fields)
+
+    def send_messages(
+        self, messages: Iterable[OutgoingMessage], *, raise_on_refused: bool = True, **sender_options: Any
+    ) -> list[SendResult]:
+        """Send messages over one SMTP session (re-authenticating when its token nears expiry).
+
+        :param raise_on_refused: raise :class:`RecipientsRefusedError` after the batch if the server
+            refused recipients permanently (the others received the message).
+        :param sender_options: passed to :class:`SmtpBatchSender` (``max_attempts``, ``backoff``...).
+        """
+        with SmtpBatchSender(self, **sender_options) as sender:
+            results = []
+            for message in messages:
+                result = sender.send(message)
+                self.log.info(
+                    "Sent %s to %d recipient(s)%s.",
+                    result.message_id,
+                    len(result.accepted),
+                    f", {len(result.refused)} refused" if result.refused else "",
+                )
+                results.append(result)
+        if raise_on_refused:
+            raise_for_refused(results)
+        return results
+
+    def send_email(
+        self, to: Any = None, subject: str | None = None, html_content: str | None = None, **fields: Any
+    ) -> str:
+        """Compose and send one message; returns its Message-ID. Fields as in :func:`compose_message`."""
+        message = self.compose(to=to, subject=subject, html_content=html_content, **fields)
+        return self.send_messages([message])[0].message_id
 
     # ------------------------------------------------------------------ UI test button
     def test_connection(self) -> tuple[bool, str]:

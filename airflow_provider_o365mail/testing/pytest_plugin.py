@@ -46,7 +46,7 @@ def o365_admin(o365_sandbox):
     admin.clear_faults()
     yield admin
     admin.clear_faults()
-    admin.update_settings(strict_rotation=False, clock_offset=0)
+    admin.update_settings(strict_rotation=False, clock_offset=0, access_token_lifetime=3900)
     from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES
 
     admin.consent(o365_sandbox.user, o365_sandbox.client_id, DELEGATED_SCOPES)

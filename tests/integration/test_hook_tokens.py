@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import msal
 import pytest
@@ -201,12 +200,11 @@ def test_test_connection_names_the_failing_step(o365mail_conn, o365_admin, o365_
     assert not ok and message.startswith("SMTP step failed") and "5.7.139" in message
 
 
-def test_hook_inside_a_real_task_uses_task_sdk_variables(o365mail_conn, airflow_db):
+def test_hook_inside_a_real_task_uses_task_sdk_variables(o365mail_conn, run_dag):
     """`airflow dags test` runs the task through the Task SDK: the store is written via the supervisor."""
-    dags = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-    dags.mkdir(parents=True, exist_ok=True)
-    (dags / "o365_token_probe.py").write_text(
-        textwrap.dedent(f"""
+    result = run_dag(
+        "o365_token_probe",
+        f"""
         from airflow.sdk import dag, task
 
         @dag(schedule=None)
@@ -222,17 +220,8 @@ def test_hook_inside_a_real_task_uses_task_sdk_variables(o365mail_conn, airflow_
             probe()
 
         o365_token_probe()
-    """)
+    """,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "airflow", "dags", "test", "o365_token_probe"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ.copy(),
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "success" in output.lower(), output[-3000:]
+    assert result.returncode == 0 and "success" in result.output.lower(), result.output[-3000:]
     assert TokenStore(o365mail_conn).load() is not None, "the task wrote the store through the Task SDK"
     assert O365MailHook(o365mail_conn).access_token().source == "store"

@@ -1,0 +1,134 @@
+"""O365SmtpOperator: send one message or a batch through Microsoft 365 SMTP with OAuth2."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.exceptions import MessageCompositionError
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+# Fields one message may set; ``messages`` entries use the same names.
+MESSAGE_FIELDS = (
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "html_content",
+    "text_content",
+    "files",
+    "inline_images",
+    "reply_to",
+    "from_email",
+    "custom_headers",
+    "mime_charset",
+)
+
+
+class O365SmtpOperator(BaseOperator):
+    """Send mail as the connection's mailbox (or a mailbox it may send as) over SMTP XOAUTH2.
+
+    One message from the operator's fields, or several over one SMTP session with ``messages``
+    (each entry a dict of the same fields; missing ones come from the operator's fields).
+
+    :param conn_id: the ``o365mail`` connection.
+    :param to: recipients: ``"a@x, B <b@y>"``, ``"a@x; b@y"`` or a list. (templated)
+    :param cc: Cc recipients. (templated)
+    :param bcc: Bcc recipients; they receive the message, no header names them. (templated)
+    :param subject: subject line. (templated)
+    :param html_content: HTML body, or a path ending in ``.html`` rendered as a template. (templated)
+    :param text_content: plain-text body; with ``html_content`` the message is multipart/alternative. (templated)
+    :param files: attachment paths (or ObjectStoragePath). (templated)
+    :param inline_images: ``{content_id: path}`` for ``<img src="cid:content_id">`` in the HTML. (templated)
+    :param reply_to: Reply-To addresses. (templated)
+    :param from_email: From address; default the connection's mailbox. Another address needs Send As
+        permission on it (shared mailbox). (templated)
+    :param custom_headers: extra headers ``{name: value}``. (templated)
+    :param mime_charset: charset of the bodies (default utf-8).
+    :param messages: a list of message dicts sent over one session; the operator then returns a list. (templated)
+    :param fail_on_refused_recipients: fail the task (without retries: the others already got the mail)
+        when the server refuses a recipient permanently. False: log a warning and go on.
+    :param max_send_attempts: attempts per message for temporary SMTP failures (4xx, dropped session).
+    :return: the Message-ID (or, with ``messages``, the list of Message-IDs), pushed to XCom.
+    """
+
+    template_fields: Sequence[str] = (*MESSAGE_FIELDS[:-1], "messages")
+    template_fields_renderers = {"html_content": "html", "messages": "json", "custom_headers": "json"}
+    template_ext: Sequence[str] = (".html",)
+    ui_color = "#0078d4"
+
+    def __init__(
+        self,
+        *,
+        to: str | Sequence[str] | None = None,
+        subject: str | None = None,
+        html_content: str | None = None,
+        text_content: str | None = None,
+        files: Sequence[Any] | None = None,
+        cc: str | Sequence[str] | None = None,
+        bcc: str | Sequence[str] | None = None,
+        inline_images: Mapping[str, Any] | None = None,
+        reply_to: str | Sequence[str] | None = None,
+        from_email: str | None = None,
+        custom_headers: Mapping[str, Any] | None = None,
+        mime_charset: str = "utf-8",
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        conn_id: str = DEFAULT_CONN_ID,
+        fail_on_refused_recipients: bool = True,
+        max_send_attempts: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.to = to
+        self.subject = subject
+        self.html_content = html_content
+        self.text_content = text_content
+        self.files = files
+        self.cc = cc
+        self.bcc = bcc
+        self.inline_images = inline_images
+        self.reply_to = reply_to
+        self.from_email = from_email
+        self.custom_headers = custom_headers
+        self.mime_charset = mime_charset
+        self.messages = messages
+        self.conn_id = conn_id
+        self.fail_on_refused_recipients = fail_on_refused_recipients
+        self.max_send_attempts = max_send_attempts
+
+    def _message_specs(self) -> list[dict[str, Any]]:
+        defaults = {name: getattr(self, name) for name in MESSAGE_FIELDS}
+        if self.messages is None:
+            return [defaults]
+        if isinstance(self.messages, (str, bytes)) or not isinstance(self.messages, Sequence):
+            raise MessageCompositionError("messages must be a list of dicts (one per message).")
+        specs = []
+        for index, entry in enumerate(self.messages):
+            if not isinstance(entry, Mapping):
+                raise MessageCompositionError(f"messages[{index}] must be a dict, got {type(entry).__name__}.")
+            unknown = set(entry) - set(MESSAGE_FIELDS)
+            if unknown:
+                raise MessageCompositionError(
+                    f"messages[{index}] has unknown field(s) {sorted(unknown)}; allowed: {', '.join(MESSAGE_FIELDS)}."
+                )
+            specs.append({**defaults, **entry})
+        return specs
+
+    def execute(self, context: Context) -> str | list[str]:
+        hook = O365MailHook(self.conn_id)
+        # Build every message first: a bad address in message 7 must not leave 1-6 sent.
+        outgoing = [hook.compose(**spec) for spec in self._message_specs()]
+        results = hook.send_messages(
+            outgoing, raise_on_refused=self.fail_on_refused_recipients, max_attempts=self.max_send_attempts
+        )
+        for result in results:
+            for address, (_, reply) in result.refused.items():
+                self.log.warning("Recipient %s of %s was refused: %s", address, result.message_id, reply)
+        ids = [result.message_id for result in results]
+        return ids if self.messages is not None else ids[0]
