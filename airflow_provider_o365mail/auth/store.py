@@ -38,9 +38,12 @@ def lease_key(conn_id: str) -> str:
     return f"o365mail_refresh_lease__{conn_id}"
 
 
+STORE_DESCRIPTION = "airflow-provider-o365mail: encrypted, do not edit"
+
+
 class VariableBackend(Protocol):
     def get(self, key: str) -> str | None: ...
-    def set(self, key: str, value: str) -> None: ...
+    def set(self, key: str, value: str, description: str = STORE_DESCRIPTION) -> None: ...
     def delete(self, key: str) -> None: ...
 
 
@@ -61,10 +64,10 @@ class TaskSdkVariables:
 
         return Variable.get(key, default=None)
 
-    def set(self, key: str, value: str) -> None:
+    def set(self, key: str, value: str, description: str = STORE_DESCRIPTION) -> None:
         from airflow.sdk import Variable
 
-        Variable.set(key, value, description="airflow-provider-o365mail: encrypted, do not edit")
+        Variable.set(key, value, description=description)
 
     def delete(self, key: str) -> None:
         from airflow.sdk import Variable
@@ -80,10 +83,10 @@ class MetadataDbVariables:
 
         return Variable.get(key, default_var=None)
 
-    def set(self, key: str, value: str) -> None:
+    def set(self, key: str, value: str, description: str = STORE_DESCRIPTION) -> None:
         from airflow.models.variable import Variable
 
-        Variable.set(key, value, description="airflow-provider-o365mail: encrypted, do not edit")
+        Variable.set(key, value, description=description)
 
     def delete(self, key: str) -> None:
         from airflow.models.variable import Variable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import smtplib
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -21,8 +21,11 @@ from airflow_provider_o365mail.exceptions import (
     O365MailError,
     TlsRequiredError,
 )
+from airflow_provider_o365mail.mail import imap_watch
 from airflow_provider_o365mail.mail.compose import OutgoingMessage, compose_message
+from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
 from airflow_provider_o365mail.mail.smtp_sender import SendResult, SmtpBatchSender, raise_for_refused
+from airflow_provider_o365mail.mail.watermark import FolderWatermark, WatermarkStore
 from airflow_provider_o365mail.tls import client_ssl_context
 
 IMAP_REFUSAL_HINT = (
@@ -126,6 +129,22 @@ class O365MailHook(BaseHook):
             except Exception:
                 with contextlib.suppress(Exception):
                     client.shutdown()
+
+    def check_mail(
+        self, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None, *, mailbox: str | None = None
+    ) -> CheckResult:
+        """Messages matching ``spec`` in its folders (read-only; see :mod:`.mail.imap_watch`)."""
+        with self.imap_client(mailbox) as client:
+            return imap_watch.check(client, spec, watermarks)
+
+    def commit_mail(
+        self, spec: WatchSpec, result: CheckResult, store: WatermarkStore | None, *, mailbox: str | None = None
+    ) -> None:
+        """Apply ``spec``'s post-action to ``result``'s messages and advance the watermarks."""
+        if not result.messages:
+            return
+        with self.imap_client(mailbox) as client:
+            imap_watch.commit(client, spec, result, store)
 
     # ------------------------------------------------------------------ SMTP
     def _smtp_login(self, user: str, force_refresh: bool) -> tuple[smtplib.SMTP, AccessToken]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import email
 import imaplib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from email import policy
 from email.message import EmailMessage
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from airflow_provider_o365mail.testing.sandbox import SandboxInfo
@@ -72,3 +73,34 @@ def wait_for_messages(
 
 def with_subject(subject: str) -> Callable[[EmailMessage], bool]:
     return lambda message: message.get("Subject") == subject
+
+
+@contextlib.contextmanager
+def imap_session(info: SandboxInfo, upn: str) -> Iterator[Any]:
+    """An IMAPClient session as ``upn`` (token minted by the stand-in), for arranging test mailboxes."""
+    from imapclient import IMAPClient
+
+    client = IMAPClient(
+        "127.0.0.1", info.imap_port, ssl_context=ssl.create_default_context(cafile=info.ca_file), timeout=30
+    )
+    client.oauth2_login(upn, info.admin().mint_access_token(upn))
+    try:
+        yield client
+    finally:
+        client.logout()
+
+
+def recreate_folder(info: SandboxInfo, upn: str, folder: str) -> None:
+    """Delete (if present) and create ``folder``: Dovecot gives it a new UIDVALIDITY."""
+    with imap_session(info, upn) as client:
+        if client.folder_exists(folder):
+            client.delete_folder(folder)
+        client.create_folder(folder)
+
+
+def append_messages(info: SandboxInfo, upn: str, folder: str, messages: Iterable[bytes]) -> None:
+    with imap_session(info, upn) as client:
+        if not client.folder_exists(folder):
+            client.create_folder(folder)
+        for raw in messages:
+            client.append(folder, raw)

@@ -1,0 +1,236 @@
+"""Readable mail criteria compiled into IMAP SEARCH keys (no I/O).
+
+Every user value becomes exactly one SEARCH argument: IMAPClient quotes it (escaping ``"`` and
+``\\``) or, with non-ASCII characters, sends it as a literal under ``CHARSET UTF-8``. CR, LF and NUL
+cannot appear in an IMAP string and would end the command line, so values holding them are
+refused. No value can add keys to the search or commands to the session. What SEARCH cannot
+express on Exchange (attachments) is decided from BODYSTRUCTURE afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_o365mail.exceptions import ConnectionConfigError
+
+POST_ACTIONS = (None, "seen", "flag", "move")
+
+
+class CriteriaError(ConnectionConfigError):
+    """The sensor's criteria are invalid (fix the DAG)."""
+
+
+def _date(value: Any, name: str) -> dt.date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value[:10])
+        except ValueError:
+            pass
+    raise CriteriaError(f"{name} must be a date, a datetime or an ISO date string (YYYY-MM-DD), got {value!r}.")
+
+
+def _text_argument(value: Any, name: str) -> bytes:
+    text = str(value)
+    if not text:
+        raise CriteriaError(f"{name} must not be empty.")
+    if any(c in text for c in "\r\n\0"):
+        raise CriteriaError(
+            f"{name} contains a line break or NUL character ({text[:60]!r}); IMAP SEARCH values cannot hold them. "
+            "Search for a part of the value without line breaks."
+        )
+    return text.encode("utf-8")
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value]
+
+
+@dataclass(frozen=True)
+class MailCriteria:
+    """What a matching message looks like. All given conditions must hold (AND).
+
+    :param sender: substring of From (e.g. ``"supplier.com"``); a list means any of them (OR).
+    :param recipient: substring of To or Cc; a list means any of them.
+    :param subject: substring of Subject (case-insensitive on Exchange and Dovecot).
+    :param since: received on or after this date.
+    :param before: received before this date.
+    :param unseen: only messages without the \\Seen flag.
+    :param header: ``{"X-Report-Id": "Q3"}``: header contains value (all pairs must match).
+    :param has_attachment: only messages with at least one attachment.
+    :param attachment_name: glob (``"*.csv"``), case-insensitive; implies has_attachment.
+    :param criteria: raw IMAP SEARCH keys appended as-is (the escape hatch; you quote them).
+    """
+
+    sender: str | Sequence[str] | None = None
+    recipient: str | Sequence[str] | None = None
+    subject: str | None = None
+    since: dt.date | None = None
+    before: dt.date | None = None
+    unseen: bool = False
+    header: Mapping[str, str] = field(default_factory=dict)
+    has_attachment: bool = False
+    attachment_name: str | None = None
+    criteria: str | Sequence[str] | None = None
+
+    @classmethod
+    def build(cls, **values: Any) -> MailCriteria:
+        header = values.pop("header", None) or {}
+        if not isinstance(header, Mapping):
+            raise CriteriaError("header must be a mapping like {'X-Report-Id': 'Q3'}.")
+        return cls(
+            sender=values.get("sender") or None,
+            recipient=values.get("recipient") or None,
+            subject=values.get("subject") or None,
+            since=_date(values.get("since"), "since"),
+            before=_date(values.get("before"), "before"),
+            unseen=bool(values.get("unseen")),
+            header=dict(header),
+            has_attachment=bool(values.get("has_attachment")),
+            attachment_name=values.get("attachment_name") or None,
+            criteria=values.get("criteria") or None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (trigger serialisation)."""
+        return {
+            "sender": self.sender if isinstance(self.sender, (str, type(None))) else list(self.sender),
+            "recipient": self.recipient if isinstance(self.recipient, (str, type(None))) else list(self.recipient),
+            "subject": self.subject,
+            "since": self.since.isoformat() if self.since else None,
+            "before": self.before.isoformat() if self.before else None,
+            "unseen": self.unseen,
+            "header": dict(self.header),
+            "has_attachment": self.has_attachment,
+            "attachment_name": self.attachment_name,
+            "criteria": self.criteria if isinstance(self.criteria, (str, type(None))) else list(self.criteria),
+        }
+
+    # ------------------------------------------------------------------ SEARCH
+    def search_keys(self) -> list[Any]:
+        """SEARCH keys for IMAPClient (``ALL`` when nothing narrows the search)."""
+        keys: list[Any] = []
+        keys += _any_of("FROM", _as_list(self.sender), "sender")
+        recipients = _as_list(self.recipient)
+        if recipients:
+            keys += _or_chain(
+                [
+                    [b"OR", b"TO", _text_argument(r, "recipient"), b"CC", _text_argument(r, "recipient")]
+                    for r in recipients
+                ]
+            )
+        if self.subject:
+            keys += [b"SUBJECT", _text_argument(self.subject, "subject")]
+        if self.since:
+            keys += [b"SINCE", self.since]
+        if self.before:
+            keys += [b"BEFORE", self.before]
+        if self.unseen:
+            keys.append(b"UNSEEN")
+        for name, value in self.header.items():
+            keys += [b"HEADER", _text_argument(name, "header name"), _text_argument(value, f"header {name}")]
+        for raw in _as_list(self.criteria):
+            keys += tokenize_raw_criteria(raw)
+        return keys or [b"ALL"]
+
+    def needs_utf8(self) -> bool:
+        values = [*_as_list(self.sender), *_as_list(self.recipient), self.subject or ""]
+        values += [f"{k}{v}" for k, v in self.header.items()]
+        return any(not value.isascii() for value in values)
+
+    # ------------------------------------------------------------------ after FETCH
+    @property
+    def needs_bodystructure(self) -> bool:
+        return self.has_attachment or bool(self.attachment_name)
+
+    def attachments_match(self, attachments: Sequence[Mapping[str, Any]]) -> bool:
+        if self.attachment_name:
+            pattern = self.attachment_name.lower()
+            return any(fnmatch.fnmatchcase(str(a.get("name") or "").lower(), pattern) for a in attachments)
+        if self.has_attachment:
+            return bool(attachments)
+        return True
+
+
+def tokenize_raw_criteria(raw: str) -> list[Any]:
+    """Split raw SEARCH text into the atoms, strings and groups IMAPClient re-serialises faithfully."""
+    tokens: list[Any] = []
+    stack: list[list[Any]] = [tokens]
+    i = 0
+    while i < len(raw):
+        char = raw[i]
+        if char.isspace():
+            i += 1
+        elif char == "(":
+            group: list[Any] = []
+            stack[-1].append(group)
+            stack.append(group)
+            i += 1
+        elif char == ")":
+            if len(stack) == 1:
+                raise CriteriaError(f"Unbalanced ')' in criteria {raw!r}.")
+            stack.pop()
+            i += 1
+        elif char == '"':
+            value, i = _quoted_string(raw, i)
+            stack[-1].append(_text_argument(value, "criteria string") if value else b'""')
+        else:
+            start = i
+            while i < len(raw) and not raw[i].isspace() and raw[i] not in '()"':
+                i += 1
+            stack[-1].append(raw[start:i].encode("utf-8"))
+    if len(stack) != 1:
+        raise CriteriaError(f"Unbalanced '(' in criteria {raw!r}.")
+    return tokens
+
+
+def _quoted_string(raw: str, start: int) -> tuple[str, int]:
+    out: list[str] = []
+    i = start + 1
+    while i < len(raw):
+        if raw[i] == "\\" and i + 1 < len(raw):
+            out.append(raw[i + 1])
+            i += 2
+        elif raw[i] == '"':
+            return "".join(out), i + 1
+        else:
+            out.append(raw[i])
+            i += 1
+    raise CriteriaError(f"Unterminated string in criteria {raw!r}.")
+
+
+def _any_of(key: str, values: list[str], name: str) -> list[Any]:
+    return _or_chain([[key.encode(), _text_argument(v, name)] for v in values])
+
+
+def _or_chain(alternatives: list[list[Any]]) -> list[Any]:
+    """``a``, ``OR a b``, ``OR a OR b c``...: IMAP's OR takes exactly two keys."""
+    if not alternatives:
+        return []
+    if len(alternatives) == 1:
+        return list(alternatives[0])
+    return [b"OR", *_grouped(alternatives[0]), *_or_chain_grouped(alternatives[1:])]
+
+
+def _or_chain_grouped(alternatives: list[list[Any]]) -> list[Any]:
+    if len(alternatives) == 1:
+        return _grouped(alternatives[0])
+    return [b"OR", *_grouped(alternatives[0]), *_or_chain_grouped(alternatives[1:])]
+
+
+def _grouped(keys: list[Any]) -> list[Any]:
+    """One search key made of several tokens, parenthesised as a nested list for IMAPClient."""
+    return [keys] if len(keys) > 1 else keys

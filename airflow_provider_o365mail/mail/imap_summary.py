@@ -1,0 +1,206 @@
+"""Message summaries from IMAP FETCH data (ENVELOPE, BODYSTRUCTURE, size, flags): no I/O.
+
+Summaries are what the sensor pushes to XCom and the event trigger puts in asset events, so they
+are plain JSON. Mail is hostile input: every field is decoded defensively and a malformed part
+never makes the summary fail (it shows as what could be read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import email.header
+import email.utils
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+FETCH_ITEMS = ["UID", "ENVELOPE", "BODYSTRUCTURE", "RFC822.SIZE", "FLAGS", "INTERNALDATE"]
+MAX_TEXT = 998
+
+
+def _text(value: Any) -> str:
+    """Bytes/str from the server, RFC 2047 decoded, never raising."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    elif not isinstance(value, str):
+        value = str(value)
+    if "=?" in value:
+        with contextlib.suppress(Exception):  # broken encoded words: keep the raw text
+            value = str(email.header.make_header(email.header.decode_header(value)))
+    return " ".join(value.split())[:MAX_TEXT]
+
+
+def _address(item: Any) -> str | None:
+    """IMAPClient Address(name, route, mailbox, host) -> ``Name <mailbox@host>``."""
+    try:
+        name, _route, mailbox, host = (getattr(item, f) for f in ("name", "route", "mailbox", "host"))
+    except Exception:
+        return None
+    if mailbox is None:  # group syntax markers
+        return None
+    addr = f"{_text(mailbox)}@{_text(host)}" if host else _text(mailbox)
+    display = _text(name)
+    if not display:
+        return addr
+    try:
+        return email.utils.formataddr((display, addr))
+    except (UnicodeError, ValueError):  # non-ASCII address: formataddr insists on ASCII
+        return f'"{display}" <{addr}>'
+
+
+
+def _addresses(items: Any) -> list[str]:
+    if not isinstance(items, (list, tuple)):
+        return []
+    return [a for a in (_address(item) for item in items) if a]
+
+
+def _iso(value: Any) -> str | None:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.isoformat()
+    return None
+
+
+def _params(value: Any) -> dict[str, str]:
+    """BODYSTRUCTURE parameter list -> dict, with RFC 2231 (``name*``, ``name*0*``) decoded."""
+    if not isinstance(value, (list, tuple)):
+        return {}
+    raw: dict[str, str] = {}
+    items = list(value)
+    for key, val in zip(items[0::2], items[1::2], strict=False):
+        raw[_text(key).lower()] = val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val or "")
+    decoded: dict[str, str] = {}
+    continued: dict[str, list[tuple[int, bool, str]]] = {}
+    for key, val in raw.items():
+        base, star, rest = key.partition("*")
+        if not star:
+            decoded.setdefault(base, _text(val))
+            continue
+        index = rest.rstrip("*")  # name* (encoded), name*0 (plain section), name*0* (encoded section)
+        section = int(index) if index.isdigit() else 0
+        continued.setdefault(base, []).append((section, rest == "" or rest.endswith("*"), val))
+    for base, sections in continued.items():
+        sections.sort(key=lambda section: section[0])
+        try:
+            decoded[base] = _text(_join_rfc2231(sections))
+        except Exception:
+            decoded.setdefault(base, _text(sections[0][2]))
+    return decoded
+
+
+def _join_rfc2231(sections: list[tuple[int, bool, str]]) -> str:
+    """``filename*0*=utf-8''%C3%A9t; filename*1*=%C3%A9.pdf`` -> ``été.pdf``."""
+    charset = "utf-8"
+    parts = []
+    for number, is_encoded, value in sections:
+        if is_encoded:
+            if number == 0 and value.count("'") >= 2:
+                charset, _language, value = value.split("'", 2)
+            parts.append(_percent_decode(email.utils.unquote(value), charset or "utf-8"))
+        else:
+            parts.append(value)
+    return "".join(parts)
+
+
+def _percent_decode(value: str, charset: str) -> str:
+    from urllib.parse import unquote_to_bytes
+
+    try:
+        return unquote_to_bytes(value).decode(charset, errors="replace")
+    except LookupError:
+        return unquote_to_bytes(value).decode("utf-8", errors="replace")
+
+
+def _disposition(value: Any) -> tuple[str, dict[str, str]]:
+    if isinstance(value, (list, tuple)) and value:
+        return _text(value[0]).lower(), _params(value[1] if len(value) > 1 else None)
+    return "", {}
+
+
+def _is_multipart(body: Any) -> bool:
+    return isinstance(body, (list, tuple)) and bool(body) and isinstance(body[0], (list, tuple))
+
+
+def iter_parts(body: Any, prefix: str = "") -> Iterator[tuple[str, Sequence[Any]]]:
+    """Leaf parts of a BODYSTRUCTURE with their section numbers (``"1"``, ``"2.1"``...)."""
+    if not isinstance(body, (list, tuple)) or not body:
+        return
+    if _is_multipart(body):
+        for number, child in enumerate(body[0], start=1):
+            yield from iter_parts(child, f"{prefix}.{number}" if prefix else str(number))
+        return
+    yield (prefix or "1"), body
+
+
+def _field(part: Sequence[Any], index: int) -> Any:
+    return part[index] if len(part) > index else None
+
+
+def attachments_of(body: Any) -> list[dict[str, Any]]:
+    """Attachments (parts with a file name or an ``attachment`` disposition): name, type, size, section."""
+    found: list[dict[str, Any]] = []
+    try:
+        parts = list(iter_parts(body))
+    except Exception:
+        return found
+    for section, part in parts:
+        try:
+            maintype, subtype = _text(_field(part, 0)).lower(), _text(_field(part, 1)).lower()
+            params = _params(_field(part, 2))
+            # Disposition sits after the type-specific fields: text/* has lines, message/rfc822
+            # has envelope, body and lines; look for the first (b"attachment"|b"inline", ...) pair.
+            disposition, disposition_params = "", {}
+            for candidate in part[7:]:
+                kind, candidate_params = _disposition(candidate)
+                if kind in ("attachment", "inline"):
+                    disposition, disposition_params = kind, candidate_params
+                    break
+            name = disposition_params.get("filename") or params.get("name") or ""
+            if not name and disposition != "attachment":
+                continue
+            size = _field(part, 6)
+            found.append(
+                {
+                    "name": name or f"part-{section}",
+                    "content_type": f"{maintype or 'application'}/{subtype or 'octet-stream'}",
+                    "size": int(size) if isinstance(size, int) else None,
+                    "encoding": _text(_field(part, 5)).lower() or None,
+                    "section": section,
+                    "inline": disposition == "inline",
+                }
+            )
+        except Exception:  # noqa: S112 - a broken part is skipped, the others still count
+            continue
+    return found
+
+
+def summarize(folder: str, uidvalidity: int, uid: int, data: Mapping[bytes, Any]) -> dict[str, Any]:
+    """One message as JSON: folder, uid, uidvalidity, message_id, from, to, cc, subject, date, size,
+    flags, attachments."""
+    envelope = data.get(b"ENVELOPE")
+
+    def env(field: str) -> Any:
+        return getattr(envelope, field, None) if envelope is not None else None
+
+    from_list = _addresses(env("from_"))
+    flags = data.get(b"FLAGS") or ()
+    size = data.get(b"RFC822.SIZE")
+    return {
+        "folder": folder,
+        "uid": int(uid),
+        "uidvalidity": int(uidvalidity),
+        "message_id": _text(env("message_id")) or None,
+        "from": from_list[0] if from_list else None,
+        "to": _addresses(env("to")),
+        "cc": _addresses(env("cc")),
+        "subject": _text(env("subject")),
+        "date": _iso(env("date")) or _iso(data.get(b"INTERNALDATE")),
+        "received": _iso(data.get(b"INTERNALDATE")),
+        "size": int(size) if isinstance(size, int) else None,
+        "flags": [_text(f) for f in flags] if isinstance(flags, (list, tuple)) else [],
+        "attachments": attachments_of(data.get(b"BODYSTRUCTURE")),
+    }

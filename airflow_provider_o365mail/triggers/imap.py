@@ -1,0 +1,181 @@
+"""O365ImapTrigger: the deferrable O365ImapSensor's wait, in the triggerer.
+
+Loop: check the folders (IMAPClient in a worker thread: short, blocking calls stay off the event
+loop), and if nothing matches wait asynchronously for new mail (IMAP IDLE with aioimaplib, or a
+polling interval where the server has no IDLE). The check is read-only: the post-action and the
+watermark advance happen on the worker in ``execute_complete``, after Airflow persisted the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_o365mail import exceptions
+from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS, IdleTarget, IdleUnsupported, wait_for_new_mail
+from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
+from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
+
+log = logging.getLogger(__name__)
+
+# Errors a person must fix: report once and stop instead of reconnecting forever.
+PERMANENT_ERRORS = (
+    exceptions.AuthorizationError,
+    exceptions.ConnectionConfigError,
+    exceptions.MailAuthenticationError,
+    exceptions.TokenStoreError,
+)
+MAX_BACKOFF_SECONDS = 300.0
+
+
+def error_event(err: BaseException) -> TriggerEvent:
+    return TriggerEvent({"status": "error", "error_class": type(err).__name__, "message": str(err)})
+
+
+def raise_from_event(event: dict[str, Any]) -> None:
+    """Re-raise a trigger's error on the worker with its original class (so fail-fast stays fail-fast)."""
+    cls = getattr(exceptions, str(event.get("error_class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, exceptions.O365MailError)):
+        cls = exceptions.MailServerError
+    raise cls(str(event.get("message") or "The IMAP trigger failed."))
+
+
+class MailWaiter:
+    """Waits for a change in the watched folders: IDLE per folder, or polling."""
+
+    def __init__(self, hook: O365MailHook, spec: WatchSpec, mailbox: str | None, poll_interval: float, max_idle: float):
+        self.hook = hook
+        self.spec = spec
+        self.mailbox = mailbox
+        self.poll_interval = poll_interval
+        self.max_idle = max_idle
+        self.idle_supported: bool | None = None
+
+    async def wait(self, last: CheckResult) -> str:
+        if self.idle_supported is False:
+            await asyncio.sleep(self.poll_interval)
+            return "poll"
+        token = await asyncio.to_thread(self.hook.access_token)
+        settings = self.hook.settings
+        waits = [
+            asyncio.ensure_future(
+                wait_for_new_mail(
+                    IdleTarget(
+                        settings.imap_host,
+                        settings.imap_port,
+                        self.mailbox or settings.mailbox,
+                        folder,
+                        float(settings.timeout),
+                    ),
+                    token.token,
+                    token.expires_on,
+                    self.hook.ssl_context,
+                    last.scanned.get(folder, {}).get("uidnext"),
+                    self.max_idle,
+                )
+            )
+            for folder in self.spec.folders
+        ]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in waits:
+                pending.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        outcome = next(iter(done))
+        try:
+            reason = outcome.result()
+        except IdleUnsupported:
+            log.info("%s offers no IDLE: polling every %.0f s.", settings.imap_host, self.poll_interval)
+            self.idle_supported = False
+            return await self.wait(last)
+        self.idle_supported = True
+        return reason
+
+
+class O365ImapTrigger(BaseTrigger):
+    """Fires when mail matching the sensor's criteria is in one of its folders.
+
+    :param conn_id: the ``o365mail`` connection.
+    :param spec: :meth:`WatchSpec.to_dict` of the sensor.
+    :param watermark_key: Variable holding the sensor's watermarks (read only here), for ``new_only``.
+    :param mailbox: another mailbox to open (shared mailbox).
+    :param poll_interval: seconds between checks where the server has no IDLE.
+    :param max_idle: re-issue IDLE after this many seconds (at most 25 minutes).
+    """
+
+    def __init__(
+        self,
+        conn_id: str = DEFAULT_CONN_ID,
+        spec: dict[str, Any] | None = None,
+        watermark_key: str | None = None,
+        mailbox: str | None = None,
+        poll_interval: float = 60.0,
+        max_idle: float = MAX_IDLE_SECONDS,
+    ) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self.spec = dict(spec or {})
+        self.watermark_key = watermark_key
+        self.mailbox = mailbox
+        self.poll_interval = float(poll_interval)
+        self.max_idle = min(float(max_idle), MAX_IDLE_SECONDS)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "conn_id": self.conn_id,
+                "spec": self.spec,
+                "watermark_key": self.watermark_key,
+                "mailbox": self.mailbox,
+                "poll_interval": self.poll_interval,
+                "max_idle": self.max_idle,
+            },
+        )
+
+    def _check(self, hook: O365MailHook, spec: WatchSpec) -> CheckResult:
+        store = VariableWatermarkStore(self.watermark_key) if spec.new_only and self.watermark_key else None
+        return hook.check_mail(spec, store.load() if store else None, mailbox=self.mailbox)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            spec = WatchSpec.from_dict(self.spec)
+        except exceptions.O365MailError as err:
+            yield error_event(err)
+            return
+        hook = O365MailHook(self.conn_id)
+        waiter = MailWaiter(hook, spec, self.mailbox, self.poll_interval, self.max_idle)
+        failures = 0
+        while True:
+            try:
+                result = await asyncio.to_thread(self._check, hook, spec)
+                if result.messages:
+                    yield TriggerEvent({"status": "success", "result": result.to_dict()})
+                    return
+                reason = await waiter.wait(result)
+                failures = 0
+                log.debug("Wait for new mail ended: %s.", reason)
+            except PERMANENT_ERRORS as err:
+                log.error("Watching %s stopped: %s", self.conn_id, err)
+                yield error_event(err)
+                return
+            except Exception as err:  # network, 5xx, dropped sessions: transient
+                failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning(
+                    "Watching %s failed (%s: %s); reconnecting in %.0f s (attempt %d).",
+                    self.conn_id,
+                    type(err).__name__,
+                    err,
+                    delay,
+                    failures,
+                )
+                await asyncio.sleep(delay)

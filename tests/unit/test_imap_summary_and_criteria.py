@@ -1,0 +1,163 @@
+"""Summaries from FETCH data and SEARCH compilation: pure functions, hostile input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import namedtuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from imapclient.imapclient import _normalise_search_criteria
+
+from airflow_provider_o365mail.mail.imap_criteria import CriteriaError, MailCriteria, tokenize_raw_criteria
+from airflow_provider_o365mail.mail.imap_summary import attachments_of, summarize
+from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec, _capped
+from airflow_provider_o365mail.mail.watermark import FolderWatermark
+
+Envelope = namedtuple("Envelope", "date subject from_ sender reply_to to cc bcc in_reply_to message_id")
+Address = namedtuple("Address", "name route mailbox host")
+
+atoms = st.one_of(st.none(), st.integers(-5, 10**9), st.binary(max_size=40), st.text(max_size=20))
+structures = st.recursive(
+    atoms, lambda children: st.lists(children, max_size=12).map(tuple) | st.lists(children, max_size=5), max_leaves=60
+)
+addresses = st.builds(Address, atoms, atoms, atoms, atoms)
+envelopes = st.one_of(
+    st.none(),
+    structures,
+    st.builds(
+        Envelope,
+        st.one_of(st.none(), st.datetimes(timezones=st.none() | st.just(dt.UTC))),
+        atoms,
+        st.one_of(st.none(), st.lists(st.one_of(addresses, atoms), max_size=3).map(tuple)),
+        atoms,
+        atoms,
+        st.one_of(st.none(), st.lists(st.one_of(addresses, atoms), max_size=3).map(tuple), atoms),
+        st.one_of(st.none(), st.lists(addresses, max_size=3).map(tuple)),
+        atoms,
+        atoms,
+        atoms,
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(envelope=envelopes, body=structures, size=atoms, flags=structures, internaldate=atoms)
+def test_summary_never_crashes_and_is_json(envelope, body, size, flags, internaldate):
+    data = {b"ENVELOPE": envelope, b"BODYSTRUCTURE": body, b"RFC822.SIZE": size, b"FLAGS": flags}
+    data[b"INTERNALDATE"] = internaldate
+    summary = summarize("INBOX", 7, 42, data)
+    json.dumps(summary)
+    assert summary["uid"] == 42 and summary["uidvalidity"] == 7 and summary["folder"] == "INBOX"
+
+
+def test_attachment_names_rfc2231_and_rfc2047():
+    body = (
+        [
+            (b"text", b"plain", (b"charset", b"utf-8"), None, None, b"7bit", 10, 1, None, None, None, None),
+            (
+                b"application",
+                b"pdf",
+                (b"name", b"=?utf-8?q?Rechnung_M=C3=A4rz.pdf?="),
+                None,
+                None,
+                b"base64",
+                1000,
+                None,
+                (b"attachment", (b"filename*0*", b"utf-8''Rechnung%20M", b"filename*1*", b"%C3%A4rz.pdf")),
+                None,
+                None,
+            ),
+            (
+                b"image",
+                b"png",
+                None,
+                b"<logo>",
+                None,
+                b"base64",
+                50,
+                None,
+                (b"inline", (b"filename", b"logo.png")),
+                None,
+                None,
+            ),
+        ],
+        b"mixed",
+        (b"boundary", b"x"),
+        None,
+        None,
+        None,
+    )
+    found = attachments_of(body)
+    assert [(a["name"], a["section"], a["inline"]) for a in found] == [
+        ("Rechnung März.pdf", "2", False),
+        ("logo.png", "3", True),
+    ]
+
+
+def test_search_keys_quote_every_value_as_one_argument():
+    criteria = MailCriteria.build(
+        sender=["a@x.test", 'evil" OR ALL "'],
+        recipient="me@x.test",
+        subject='Q3 "final" report',
+        since="2026-01-02",
+        unseen=True,
+        header={"X-Report-Id": "42"},
+    )
+    wire = b" ".join(_normalise_search_criteria(criteria.search_keys(), "UTF-8"))
+    assert wire == (
+        b'OR (FROM a@x.test) (FROM "evil\\" OR ALL \\"") OR TO me@x.test CC me@x.test '
+        b'SUBJECT "Q3 \\"final\\" report" SINCE 02-Jan-2026 UNSEEN HEADER X-Report-Id 42'
+    )
+
+
+@pytest.mark.parametrize("value", ["a\r\nb", "a\nb", "x\0"])
+def test_line_breaks_in_values_are_refused(value):
+    with pytest.raises(CriteriaError, match="line break"):
+        MailCriteria.build(subject=value).search_keys()
+
+
+def test_raw_criteria_tokenizer():
+    assert tokenize_raw_criteria('NOT DELETED (OR SUBJECT "a \\"b\\"" FLAGGED)') == [
+        b"NOT",
+        b"DELETED",
+        [b"OR", b"SUBJECT", b'a "b"', b"FLAGGED"],
+    ]
+    for broken in ["(UNSEEN", "UNSEEN)", 'SUBJECT "open']:
+        with pytest.raises(CriteriaError):
+            tokenize_raw_criteria(broken)
+
+
+def test_spec_round_trips_through_json():
+    spec = WatchSpec.build(
+        ["INBOX", "Übersicht"],
+        new_only=True,
+        post_action="move",
+        move_to="Done",
+        sender=["a", "b"],
+        since=dt.date(2026, 1, 2),
+    )
+    assert WatchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(CriteriaError):
+        WatchSpec.build("INBOX", post_action="move")
+    with pytest.raises(CriteriaError):
+        WatchSpec.build("INBOX", post_action="delete")
+
+
+def test_cap_keeps_the_oldest_and_holds_the_watermark_back():
+    messages = [{"folder": "INBOX", "uid": uid} for uid in (10, 11, 12, 13)]
+    result = _capped(messages, {"INBOX": {"uidvalidity": 1, "high_uid": 20, "uidnext": 21}}, 2)
+    assert [m["uid"] for m in result.messages] == [10, 11]
+    assert result.scanned["INBOX"]["high_uid"] == 11
+    assert CheckResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_watermark_keeps_recent_message_ids_and_resets_on_uidvalidity_change():
+    mark = FolderWatermark(uidvalidity=1, last_uid=5, seen_message_ids=["<a>"])
+    same = mark.advanced(1, 9, ["<b>", "<a>"])
+    assert same.last_uid == 9 and same.seen_message_ids == ["<b>", "<a>"]
+    moved = same.advanced(2, 3, ["<c>"])
+    assert moved.uidvalidity == 2 and moved.last_uid == 3 and moved.seen_message_ids[-1] == "<c>"
+    assert len(FolderWatermark(1, 0).advanced(1, 1, [f"<{i}>" for i in range(5000)]).seen_message_ids) == 2000
