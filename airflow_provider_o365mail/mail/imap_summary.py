@@ -50,7 +50,6 @@ def _address(item: Any) -> str | None:
         return f'"{display}" <{addr}>'
 
 
-
 def _addresses(items: Any) -> list[str]:
     if not isinstance(items, (list, tuple)):
         return []

@@ -46,6 +46,8 @@ class O365ImapSensor(BaseSensorOperator):
     :param watermark_id: name of the watermark; default ``<dag_id>.<task_id>``.
     :param deferrable: wait in the triggerer with IMAP IDLE (default ``[operators] default_deferrable``).
     :param poll_interval: seconds between checks in the triggerer where the server offers no IDLE.
+    :param idle_timeout: re-issue IDLE (and re-check) after this many seconds; at most 25 minutes. Lower
+        it if a firewall drops idle connections sooner.
     :return: list of message summaries (folder, uid, uidvalidity, message_id, from, to, cc, subject,
         date, received, size, flags, attachments[name, content_type, size, encoding, section, inline]).
     """
@@ -88,6 +90,7 @@ class O365ImapSensor(BaseSensorOperator):
         watermark_id: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 60.0,
+        idle_timeout: float = MAX_IDLE_SECONDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -115,6 +118,7 @@ class O365ImapSensor(BaseSensorOperator):
         self.watermark_id = watermark_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.idle_timeout = min(float(idle_timeout), MAX_IDLE_SECONDS)
 
     # ------------------------------------------------------------------ helpers
     def watch_spec(self) -> WatchSpec:
@@ -181,7 +185,7 @@ class O365ImapSensor(BaseSensorOperator):
                 watermark_key=self.watermark_key() if spec.new_only else None,
                 mailbox=self.mailbox,
                 poll_interval=self.poll_interval,
-                max_idle=MAX_IDLE_SECONDS,
+                max_idle=self.idle_timeout,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout),

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -21,6 +28,14 @@ class DagRunResult:
     returncode: int
     output: str
     dag_id: str
+
+    def run_state(self) -> str | None:
+        from airflow.models import DagRun
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            run = session.query(DagRun).filter(DagRun.dag_id == self.dag_id).order_by(DagRun.id.desc()).first()
+            return str(run.state) if run is not None else None
 
     def task_states(self) -> dict[str, tuple[str, int]]:
         """``{task_id: (state, try_number)}`` of the latest run, read from the metadata DB."""
@@ -55,3 +70,142 @@ def run_dag(airflow_db):
         return DagRunResult(result.returncode, result.stdout + result.stderr, dag_id)
 
     return run
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class AirflowServices:
+    """A real ``airflow api-server`` and ``airflow triggerer`` on 127.0.0.1 for this test session."""
+
+    api_url: str
+    env: dict[str, str]
+    logs: Path
+
+    def dags_test_with_executor(self, dag_id: str, source: str, timeout: float = 300) -> DagRunResult:
+        """Run a DAG through the real executor path (LocalExecutor, Task SDK over HTTP, the triggerer)."""
+        dags = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+        dags.mkdir(parents=True, exist_ok=True)
+        (dags / f"{dag_id}.py").write_text(textwrap.dedent(source))
+        # LocalExecutor workers outlive `dags test` and would hold a pipe open: log to a file and
+        # end the whole process group afterwards.
+        output = self.logs / f"dags-test-{dag_id}.log"
+        with output.open("w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "airflow", "dags", "test", dag_id, "--use-executor"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+            result = DagRunResult(0, "", dag_id)
+            deadline = time.monotonic() + timeout
+            finished_at = None
+            try:
+                while process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(1)
+                    # `dags test --use-executor` can wait forever in LocalExecutor's shutdown after
+                    # the run ended: give it a grace period once the run is final.
+                    if finished_at is None and result.run_state() in ("success", "failed"):
+                        finished_at = time.monotonic()
+                    if finished_at is not None and time.monotonic() - finished_at > 10:
+                        break
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        returncode = process.returncode if finished_at is None else (0 if result.run_state() == "success" else 1)
+        return DagRunResult(returncode, output.read_text(errors="replace"), dag_id)
+
+    def trigger_logs(self, dag_id: str) -> str:
+        root = Path(os.environ["AIRFLOW_HOME"]) / "logs" / f"dag_id={dag_id}"
+        return "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("*.log")))
+
+
+@pytest.fixture(scope="session")
+def airflow_services(airflow_db) -> Iterator[AirflowServices]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__API_AUTH__JWT_SECRET": "o365mail-tests-local-jwt-secret-0123456789abcdef",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+    }
+    logs = airflow_db / "service-logs"
+    logs.mkdir(exist_ok=True)
+    processes = []
+    for name in ("api-server", "triggerer"):
+        log = (logs / f"{name}.log").open("w")
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "airflow", name],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    deadline = time.monotonic() + 120
+    health = {}
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2).json()
+            if health.get("triggerer", {}).get("status") == "healthy":
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    else:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        raise RuntimeError(f"api-server/triggerer did not become healthy: {health}; logs in {logs}")
+    yield AirflowServices(api_url=f"http://127.0.0.1:{port}", env=env, logs=logs)
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def db_connection(airflow_db):
+    """Store a connection in the metadata DB (seen by the api-server, the triggerer and tasks)."""
+    created = []
+
+    def create(conn_id: str, connection_json: str) -> str:
+        from airflow.models import Connection
+        from airflow.utils.session import create_session
+
+        data = json.loads(connection_json)
+        with create_session() as session:
+            session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+            session.add(
+                Connection(
+                    conn_id=conn_id,
+                    conn_type=data["conn_type"],
+                    login=data.get("login"),
+                    password=data.get("password"),
+                    extra=json.dumps(data.get("extra") or {}),
+                )
+            )
+        created.append(conn_id)
+        return conn_id
+
+    yield create
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(Connection).filter(Connection.conn_id.in_(created)).delete()

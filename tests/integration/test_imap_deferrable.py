@@ -1,0 +1,121 @@
+"""The deferrable sensor in a real ``airflow triggerer`` (LocalExecutor, Task SDK over HTTP)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+
+
+def wait_for_triggers(count: int, timeout: float = 90.0) -> None:
+    from airflow.models.trigger import Trigger
+    from airflow.utils.session import create_session
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with create_session() as session:
+            if session.query(Trigger).count() >= count:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{count} trigger(s) did not appear")
+
+
+def xcom(dag_id: str, task_id: str):
+    from airflow.models import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        row = (
+            session.query(XComModel)
+            .filter(XComModel.dag_id == dag_id, XComModel.run_id == run.run_id, XComModel.task_id == task_id)
+            .first()
+        )
+        return row.value if row else None
+
+
+def test_three_deferred_sensors_wake_on_idle_push_in_the_triggerer(
+    airflow_services, db_connection, o365_sandbox, o365mail_conn
+):
+    sbx = o365_sandbox
+    conn_id = db_connection(
+        f"o365mail_deferred_{uuid.uuid4().hex[:6]}", sbx.connection_json(refresh_token=sbx.new_refresh_token())
+    )
+    tag = uuid.uuid4().hex[:8]
+    dag_id = f"o365_deferred_{tag}"
+    sent_at: dict[str, float] = {}
+
+    def send_when_deferred():
+        wait_for_triggers(3)
+        hook = O365MailHook(o365mail_conn)
+        for name in ("alpha", "beta", "gamma"):
+            sent_at[name] = time.time()
+            hook.send_email(to=sbx.user, subject=f"{tag} {name}", text_content=name)
+
+    sender = threading.Thread(target=send_when_deferred, daemon=True)
+    sender.start()
+    result = airflow_services.dags_test_with_executor(
+        dag_id,
+        f"""
+        from airflow.sdk import dag
+        from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+
+        @dag(schedule=None)
+        def {dag_id}():
+            for name in ("alpha", "beta", "gamma"):
+                O365ImapSensor(
+                    task_id=f"wait_{{name}}", conn_id={conn_id!r}, subject=f"{tag} {{name}}",
+                    deferrable=True, timeout=180, poke_interval=60,
+                )
+
+        {dag_id}()
+        """,
+    )
+    sender.join(timeout=5)
+    assert result.returncode == 0, result.output[-4000:]
+    states = result.task_states()
+    assert all(state == "success" for state, _ in states.values()), states
+    for name in ("alpha", "beta", "gamma"):
+        (summary,) = xcom(dag_id, f"wait_{name}")
+        assert summary["subject"] == f"{tag} {name}"
+    logs = airflow_services.trigger_logs(dag_id)
+    assert logs.count("Trigger fired event") == 3, "each sensor resumed from its trigger, not from a poke"
+
+
+def test_revoked_consent_ends_the_trigger_with_the_fix(airflow_services, db_connection, o365_sandbox, o365_admin):
+    sbx = o365_sandbox
+    conn_id = db_connection(
+        f"o365mail_revoked_{uuid.uuid4().hex[:6]}", sbx.connection_json(refresh_token=sbx.new_refresh_token())
+    )
+    dag_id = f"o365_deferred_revoked_{uuid.uuid4().hex[:6]}"
+
+    def revoke_when_deferred():
+        wait_for_triggers(1)
+        o365_admin.revoke_consent(sbx.user, sbx.client_id)
+        o365_admin.update_settings(clock_offset=4000)  # the stored access token is now expired at Exchange
+
+    threading.Thread(target=revoke_when_deferred, daemon=True).start()
+    result = airflow_services.dags_test_with_executor(
+        dag_id,
+        f"""
+        from datetime import timedelta
+        from airflow.sdk import dag
+        from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+
+        @dag(schedule=None)
+        def {dag_id}():
+            O365ImapSensor(
+                task_id="wait", conn_id={conn_id!r}, subject="never arrives", deferrable=True, timeout=300,
+                idle_timeout=3, retries=2, retry_delay=timedelta(seconds=1),
+            )
+
+        {dag_id}()
+        """,
+    )
+    assert result.task_states()["wait"] == ("failed", 1), result.output[-4000:]
+    logs = airflow_services.trigger_logs(dag_id)
+    assert "AADSTS65001" in logs and f"airflow o365mail authorize --conn-id {conn_id}" in logs
+    assert logs.count("Watching") <= 2, "stopped at the first permanent error, no reconnect loop"
