@@ -88,7 +88,19 @@ def get_provider_info() -> dict:
             }
         ],
         "operators": [
-            {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.operators.smtp"]}
+            {
+                "integration-name": "Microsoft 365 Mail",
+                "python-modules": [
+                    "airflow_provider_o365mail.operators.smtp",
+                    "airflow_provider_o365mail.operators.imap_attachments",
+                ],
+            }
+        ],
+        "sensors": [
+            {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.sensors.imap"]}
+        ],
+        "triggers": [
+            {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.triggers.imap"]}
         ],
         "hooks": [
             {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.hooks.o365mail"]}

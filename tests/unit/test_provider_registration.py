@@ -73,3 +73,21 @@ def test_airflow_providers_list_shows_the_provider():
     ).stdout
     names = [p["package_name"] for p in json.loads(out[out.index("[") :])]
     assert "airflow-provider-o365mail" in names
+
+
+def test_every_module_listed_in_provider_info_imports():
+    import importlib
+
+    from airflow_provider_o365mail.get_provider_info import get_provider_info
+
+    info = get_provider_info()
+    modules = [
+        m for key in ("operators", "sensors", "triggers", "hooks") for item in info[key] for m in item["python-modules"]
+    ]
+    dotted = [*info["notifications"], *info["email-backends"]]
+    assert len(modules) == 5
+    for module in modules:
+        importlib.import_module(module)
+    for path in dotted:
+        module, _, attr = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr)), path

@@ -1,0 +1,172 @@
+"""O365ImapAttachmentOperator: download the attachments of sensed messages, streamed in chunks."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.exceptions import MailServerError, MessageCompositionError
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.mail.attachments import StreamDecoder, safe_file_name, unique_name
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+CHUNK_BYTES = 1024 * 1024
+
+
+def _as_messages(value: Any) -> list[Mapping[str, Any]]:
+    """Summaries from XCom: a list (``sensor.output``), or its rendered string form."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = ast.literal_eval(value)
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(m, Mapping) for m in value):
+        raise MessageCompositionError("messages must be the O365ImapSensor's XCom: a list of message summaries.")
+    return list(value)
+
+
+class O365ImapAttachmentOperator(BaseOperator):
+    """Save attachments of the given messages (the sensor's XCom) into a directory.
+
+    Parts are fetched in 1 MiB slices (``BODY.PEEK[section]<offset.length>``) and decoded on the
+    fly, so a 100 MB attachment never sits in memory. Names from the sender are reduced to a safe
+    base name (no ``..``, no path separators, no control characters); clashes get `` (1)``.
+
+    :param messages: the sensor's summaries, e.g. ``messages=wait_for_invoice.output``. (templated)
+    :param target_dir: local directory or an ``ObjectStoragePath`` (created if missing). (templated)
+    :param attachment_name: glob for the file names to save (case-insensitive), default all. (templated)
+    :param include_inline: also save inline parts (e.g. images referenced from HTML).
+    :param overwrite: replace existing files instead of choosing a new name.
+    :param conn_id: the ``o365mail`` connection.
+    :param mailbox: the mailbox the messages are in, if not the connection's (shared mailbox). (templated)
+    :return: the written paths (strings).
+    """
+
+    template_fields: Sequence[str] = ("messages", "target_dir", "attachment_name", "mailbox")
+    ui_color = "#0078d4"
+
+    def __init__(
+        self,
+        *,
+        messages: Any,
+        target_dir: str | os.PathLike | Any,
+        attachment_name: str = "*",
+        include_inline: bool = False,
+        overwrite: bool = False,
+        conn_id: str = DEFAULT_CONN_ID,
+        mailbox: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.messages = messages
+        self.target_dir = target_dir
+        self.attachment_name = attachment_name
+        self.include_inline = include_inline
+        self.overwrite = overwrite
+        self.conn_id = conn_id
+        self.mailbox = mailbox
+
+    def _target(self) -> Any:
+        target = self.target_dir
+        if isinstance(target, (str, os.PathLike)) and "://" not in str(target):
+            path = Path(target)
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        if isinstance(target, str):
+            from airflow.sdk import ObjectStoragePath
+
+            target = ObjectStoragePath(target)
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def execute(self, context: Context) -> list[str]:
+        messages = _as_messages(self.messages)
+        target = self._target()
+        taken: set[str] = set() if self.overwrite else {p.name for p in target.iterdir()}
+        written: list[str] = []
+        pattern = (self.attachment_name or "*").lower()
+        hook = O365MailHook(self.conn_id)
+        with hook.imap_client(self.mailbox) as client:
+            for folder, group in _by_folder(messages):
+                selected = client.select_folder(folder, readonly=True)
+                uidvalidity = int(selected[b"UIDVALIDITY"])
+                for message in group:
+                    uid = _current_uid(client, message, uidvalidity)
+                    for attachment in message.get("attachments") or []:
+                        if attachment.get("inline") and not self.include_inline:
+                            continue
+                        if not fnmatch.fnmatchcase(str(attachment.get("name") or "").lower(), pattern):
+                            continue
+                        name = safe_file_name(attachment.get("name"))
+                        if not self.overwrite:
+                            name = unique_name(name, taken)
+                        taken.add(name)
+                        destination = target / name
+                        size = self._download(client, uid, attachment, destination)
+                        self.log.info("Saved %s (%d bytes) from %s/%s.", destination, size, folder, uid)
+                        written.append(str(destination))
+        return written
+
+    def _download(self, client: Any, uid: int, attachment: Mapping[str, Any], destination: Any) -> int:
+        section = str(attachment["section"])
+        decoder = StreamDecoder(attachment.get("encoding"))
+        total = 0
+        with destination.open("wb") as out:
+            for chunk in _fetch_slices(client, uid, section):
+                data = decoder.feed(chunk)
+                out.write(data)
+                total += len(data)
+            data = decoder.finish()
+            out.write(data)
+            total += len(data)
+        return total
+
+
+def _by_folder(messages: list[Mapping[str, Any]]) -> Iterator[tuple[str, list[Mapping[str, Any]]]]:
+    folders: dict[str, list[Mapping[str, Any]]] = {}
+    for message in messages:
+        folders.setdefault(str(message.get("folder") or "INBOX"), []).append(message)
+    yield from folders.items()
+
+
+def _current_uid(client: Any, message: Mapping[str, Any], uidvalidity: int) -> int:
+    """The message's UID now: its own if the folder is unchanged, else found again by Message-ID."""
+    if int(message.get("uidvalidity") or 0) == uidvalidity:
+        return int(message["uid"])
+    message_id = message.get("message_id")
+    found = client.search([b"HEADER", b"Message-ID", str(message_id).encode()]) if message_id else []
+    if not found:
+        raise MailServerError(
+            f"Message {message_id or message.get('uid')} is no longer in {message.get('folder')} (the folder's "
+            "UIDVALIDITY changed and no message with its Message-ID was found)."
+        )
+    return int(found[-1])
+
+
+def _fetch_slices(client: Any, uid: int, section: str) -> Iterator[bytes]:
+    offset = 0
+    while True:
+        item = f"BODY.PEEK[{section}]<{offset}.{CHUNK_BYTES}>"
+        response = client.fetch([uid], [item]).get(uid)
+        if response is None:
+            raise MailServerError(f"Message UID {uid} disappeared while its attachment was downloaded.")
+        key = next((k for k in response if k.startswith(f"BODY[{section}]".encode())), None)
+        chunk = response.get(key) if key else None
+        if not chunk:
+            return
+        yield chunk
+        if len(chunk) < CHUNK_BYTES:
+            return
+        offset += len(chunk)
