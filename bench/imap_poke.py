@@ -1,0 +1,236 @@
+"""IMAP sensing cost, side by side in one run, against the sandbox's Dovecot.
+
+1. Poke cost with 0 new messages in folders of 1k / 10k / 100k messages:
+   - ours, ``new_only`` (watermark): one STATUS per folder when nothing is new;
+   - ours without a watermark (``subject=...`` compiled into a server-side SEARCH);
+   - apache-airflow-providers-imap ``ImapHook.has_mail_attachment`` (the official sensor's poke):
+     SEARCH ALL, then FETCH (RFC822) of every message. It has no OAuth2, so here its ``get_conn``
+     logs in with XOAUTH2; everything after the login is the provider's own code.
+2. Delivery-to-detection latency: the deferrable trigger's IDLE wait vs polling (measured with a
+   short interval, and what a 60 s ``poke_interval`` means: half the interval on average).
+3. Peak Python memory while O365ImapAttachmentOperator downloads a 50 MB attachment.
+
+Folders are filled by writing Maildir files directly (APPENDing 100k messages would take minutes);
+Dovecot indexes them once before measuring, as a live server would have.
+
+    python -m airflow_provider_o365mail.testing up --env-file .sandbox.env
+    python bench/imap_poke.py --env-file .sandbox.env
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import imaplib
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+from common import BENCH_CONN_ID, bench_environment, median_ms
+
+MESSAGE = (
+    "From: sender{n}@partner.test\r\nTo: alex@o365.sandbox.test\r\nSubject: routine message {n}\r\n"
+    "Message-ID: <bench-{n}-{tag}@partner.test>\r\nDate: Mon, 02 Nov 2026 10:00:00 +0000\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n\r\nBody of message {n}.\r\n"
+)
+
+
+def fill_folder(sbx, folder: str, count: int) -> None:
+    """Create ``folder`` over IMAP, drop ``count`` Maildir files in, let Dovecot index them."""
+    from airflow_provider_o365mail.testing.mailbox import imap_session
+
+    with imap_session(sbx, sbx.user) as client:
+        if client.folder_exists(folder):
+            client.delete_folder(folder)
+        client.create_folder(folder)
+    cur = Path(sbx.state_dir) / "mail" / sbx.user / "Maildir" / f".{folder}" / "cur"
+    tag = uuid.uuid4().hex[:6]
+    stamp = int(time.time())
+    for n in range(count):
+        data = MESSAGE.format(n=n, tag=tag).encode()
+        path = cur / f"{stamp}.M{n}P{os.getpid()}.bench,S={len(data)}:2,S"  # S= must be the exact size
+        path.write_bytes(data)
+        os.chown(path, 65534, 65534)
+    os.chown(cur, 65534, 65534)
+    with imap_session(sbx, sbx.user) as client:
+        started = time.perf_counter()
+        info = client.select_folder(folder, readonly=True)
+        client.search(["SUBJECT", "warm-up"])
+        print(f"  {folder}: {info[b'EXISTS']} messages indexed in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def timed(fn, repeat: int) -> list[float]:
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--env-file", default=".sandbox.env")
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--official-max", type=int, default=10000, help="largest folder for the official hook")
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--latency-samples", type=int, default=5)
+    parser.add_argument("--attachment-mb", type=int, default=50)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    sbx = bench_environment(args.env_file)
+    os.environ["SSL_CERT_FILE"] = sbx.ca_file  # the official hook builds ssl.create_default_context()
+
+    from airflow.providers.imap.hooks.imap import ImapHook
+
+    from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+    from airflow_provider_o365mail.mail.watermark import FolderWatermark, VariableWatermarkStore
+    from airflow_provider_o365mail.operators.imap_attachments import O365ImapAttachmentOperator
+    from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+    from airflow_provider_o365mail.testing.mailbox import imap_session
+    from airflow_provider_o365mail.testing.sandbox import Sandbox
+    from airflow_provider_o365mail.triggers.imap import O365ImapTrigger
+
+    hook = O365MailHook(BENCH_CONN_ID)
+    token = hook.get_access_token()
+
+    class XOAuth2ImapHook(ImapHook):
+        """The official hook with an XOAUTH2 login; search/fetch/parse are the provider's code."""
+
+        def get_conn(self):
+            if not self.mail_client:
+                self.mail_client = imaplib.IMAP4_SSL("127.0.0.1", sbx.imap_port)
+                sasl = f"user={sbx.user}\x01auth=Bearer {token}\x01\x01".encode()
+                self.mail_client.authenticate("XOAUTH2", lambda challenge: b"" if challenge else sasl)
+            return self
+
+    os.environ["AIRFLOW_CONN_IMAP_BENCH"] = '{"conn_type": "imap", "host": "127.0.0.1"}'
+
+    print("1. poke cost with 0 new messages (median of repeated pokes, login included)")
+    results: dict[tuple[str, int], float] = {}
+    for size in sizes:
+        folder = f"Bench {size}"
+        fill_folder(sbx, folder, size)
+        with imap_session(sbx, sbx.user) as client:
+            status = client.folder_status(folder, [b"UIDNEXT", b"UIDVALIDITY"])
+        watermark = O365ImapSensor(
+            task_id="wm", conn_id=BENCH_CONN_ID, folders=folder, new_only=True, watermark_id=f"bench {folder}"
+        )
+        VariableWatermarkStore(watermark.watermark_key()).save(
+            {folder: FolderWatermark(int(status[b"UIDVALIDITY"]), int(status[b"UIDNEXT"]) - 1, [], time.time())}
+        )
+        ours = timed(lambda w=watermark: w.poke({}), args.repeat)
+        search = O365ImapSensor(task_id="s", conn_id=BENCH_CONN_ID, folders=folder, subject="quarterly invoice")
+        ours_search = timed(lambda s=search: s.poke({}), args.repeat)
+        results[("ours", size)] = median_ms(ours)
+        results[("ours-search", size)] = median_ms(ours_search)
+        line = (
+            f"  {size:>7,} msgs: ours new_only {median_ms(ours):8.1f} ms | ours SEARCH {median_ms(ours_search):8.1f} ms"
+        )
+        if size <= args.official_max:
+
+            def official(f=folder) -> None:
+                with XOAuth2ImapHook("imap_bench") as official_hook:
+                    assert not official_hook.has_mail_attachment("*.csv", mail_folder=f'"{f}"')
+
+            samples = timed(official, 1 if size >= 10000 else 3)
+            results[("official", size)] = median_ms(samples)
+            line += f" | providers-imap has_mail_attachment {median_ms(samples):10.1f} ms"
+        print(line, flush=True)
+
+    small, large = min(sizes), max(sizes)
+    print(
+        f"  ours new_only {large:,}/{small:,} cost ratio: {results[('ours', large)] / results[('ours', small)]:.2f} (goal <= 1.5)"
+    )
+    print(
+        f"  ours SEARCH   {large:,}/{small:,} cost ratio: "
+        f"{results[('ours-search', large)] / results[('ours-search', small)]:.2f}"
+    )
+    for size in sizes:
+        if ("official", size) in results:
+            print(
+                f"  official / ours new_only at {size:,}: {results[('official', size)] / results[('ours', size)]:,.0f}x "
+                f"(SEARCH mode: {results[('official', size)] / results[('ours-search', size)]:,.0f}x; goal >= 100x at 10k)"
+            )
+
+    print("2. delivery-to-detection latency")
+    idle_latencies = []
+
+    async def idle_once(subject: str) -> float:
+        trigger = O365ImapTrigger(conn_id=BENCH_CONN_ID, spec={"folders": ["INBOX"], "subject": subject})
+        events = trigger.run()
+        first = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(1.5)  # the trigger checked once and is waiting in IDLE
+        sent = await asyncio.to_thread(_send, hook, sbx.user, subject)
+        await first
+        await events.aclose()
+        return time.perf_counter() - sent
+
+    for _ in range(args.latency_samples):
+        idle_latencies.append(asyncio.run(idle_once(f"latency {uuid.uuid4().hex[:8]}")))
+    poll_interval = 5.0
+    poll_latencies = []
+    for _ in range(max(2, args.latency_samples // 2)):
+        subject = f"poll {uuid.uuid4().hex[:8]}"
+        sensor = O365ImapSensor(task_id="p", conn_id=BENCH_CONN_ID, subject=subject)
+        sent: list[float] = []
+        delay = random.uniform(0, poll_interval)  # noqa: S311 - mail arrives at a random point of the interval
+        sender = threading.Timer(delay, lambda s=subject: sent.append(_send(hook, sbx.user, s)))
+        sender.start()
+        while not sensor.poke({}):
+            time.sleep(poll_interval)
+        sender.join()
+        poll_latencies.append(time.perf_counter() - sent[0])
+    idle_median = statistics.median(idle_latencies)
+    print(f"  IDLE trigger: median {idle_median:.2f} s, max {max(idle_latencies):.2f} s (goal < 2 s)")
+    print(f"  poke every {poll_interval:.0f} s: median {statistics.median(poll_latencies):.2f} s")
+    print(
+        f"  poke every 60 s: {30 + results[('ours-search', small)] / 1000:.1f} s on average "
+        f"(half the interval plus a poke) = {(30 + results[('ours-search', small)] / 1000) / idle_median:.0f}x the IDLE latency"
+    )
+
+    print(f"3. peak Python memory downloading a {args.attachment_mb} MB attachment")
+    source = Path(tempfile.mkdtemp(prefix="o365-bench-att-")) / "large.bin"
+    source.write_bytes(os.urandom(args.attachment_mb * 1024 * 1024))
+    subject = f"large {uuid.uuid4().hex[:8]}"
+    hook.send_email(to=sbx.user, subject=subject, text_content="large", files=[source])
+    messages = None
+    for _ in range(120):
+        found = O365ImapSensor(task_id="l", conn_id=BENCH_CONN_ID, subject=subject).poke({})
+        if found:
+            messages = found.xcom_value
+            break
+        time.sleep(0.5)
+    assert messages, "the large message did not arrive"
+    target = source.parent / "out"
+    tracemalloc.start()
+    started = time.perf_counter()
+    (written,) = O365ImapAttachmentOperator(
+        task_id="d", conn_id=BENCH_CONN_ID, messages=messages, target_dir=target
+    ).execute({})
+    elapsed = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    size = source.stat().st_size
+    assert Path(written).read_bytes() == source.read_bytes()
+    print(
+        f"  {size / 2**20:.0f} MB in {elapsed:.1f} s, peak traced memory {peak / 2**20:.1f} MB = "
+        f"{peak / size:.3f}x the attachment (goal < 1.5x)"
+    )
+    Sandbox(sbx.state_dir).clean_mailboxes()
+
+
+def _send(hook, to: str, subject: str) -> float:
+    hook.send_email(to=to, subject=subject, text_content="x")
+    return time.perf_counter()
+
+
+if __name__ == "__main__":
+    main()
