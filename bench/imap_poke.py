@@ -181,8 +181,8 @@ def main() -> None:
         subject = f"poll {uuid.uuid4().hex[:8]}"
         sensor = O365ImapSensor(task_id="p", conn_id=BENCH_CONN_ID, subject=subject)
         sent: list[float] = []
-        delay = random.uniform(0, poll_interval)  # noqa: S311 - mail arrives at a random point of the interval
-        sender = threading.Timer(delay, lambda s=subject: sent.append(_send(hook, sbx.user, s)))
+        delay = random.uniform(0, poll_interval)  # mail arrives at a random point of the interval
+        sender = threading.Timer(delay, lambda s=subject, out=sent: out.append(_send(hook, sbx.user, s)))
         sender.start()
         while not sensor.poke({}):
             time.sleep(poll_interval)
