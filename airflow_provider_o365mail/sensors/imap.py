@@ -145,7 +145,11 @@ class O365ImapSensor(BaseSensorOperator):
         return variable_key(self.conn_id, watch_id, self.mailbox)
 
     def _store(self, spec: WatchSpec) -> VariableWatermarkStore | None:
-        return VariableWatermarkStore(self.watermark_key()) if spec.new_only else None
+        if not spec.new_only:
+            return None
+        key = self.watermark_key()
+        self.log.debug("Watermarks in Variable %s (delete it to start over).", key)
+        return VariableWatermarkStore(key)
 
     def _finish(self, hook: O365MailHook, spec: WatchSpec, result: CheckResult) -> list[dict[str, Any]]:
         hook.commit_mail(spec, result, self._store(spec), mailbox=self.mailbox)
