@@ -241,3 +241,25 @@ def settings_from_fields(
 def settings_from_connection(conn: Connection) -> O365MailSettings:
     extra = conn.extra_dejson if isinstance(conn.extra_dejson, dict) else json.loads(conn.extra or "{}")
     return settings_from_fields(conn.conn_id, conn.login, conn.password, extra)
+
+
+def load_connection(conn_id: str) -> Connection:
+    """The connection from wherever Airflow keeps it, in every process.
+
+    Inside a task or the triggerer the Task SDK asks the supervisor (the ORM is blocked there).
+    Elsewhere (CLI, api-server plugin, plain Python) the SDK would only see environment variables
+    and secrets backends, so the core model is used: it also reads the metadata DB.
+    """
+    from airflow_provider_o365mail.auth.store import _in_task_runtime
+
+    if _in_task_runtime():
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id)
+    try:
+        from airflow.models.connection import Connection as CoreConnection
+    except ImportError:  # a worker image without airflow-core
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id)
+    return CoreConnection.get_connection_from_secrets(conn_id)

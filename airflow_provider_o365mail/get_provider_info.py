@@ -105,6 +105,8 @@ def get_provider_info() -> dict:
         "hooks": [
             {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.hooks.o365mail"]}
         ],
+        "plugins": [{"name": "o365mail", "plugin-class": "airflow_provider_o365mail.plugins.o365mail.O365MailPlugin"}],
+        "cli": ["airflow_provider_o365mail.cli.definition.get_o365mail_cli_commands"],
         "notifications": ["airflow_provider_o365mail.notifications.email.O365EmailNotifier"],
         "email-backends": ["airflow_provider_o365mail.utils.email.send_email"],
         "connection-types": [

@@ -25,9 +25,11 @@ import msal
 import requests
 
 from airflow_provider_o365mail.auth.errors import authorization_error
+from airflow_provider_o365mail.auth.last_error import record_last_error
 from airflow_provider_o365mail.auth.store import TokenStore, fingerprint
 from airflow_provider_o365mail.connection import O365MailSettings
 from airflow_provider_o365mail.exceptions import (
+    AuthorizationError,
     ConnectionConfigError,
     IdentityProviderUnavailable,
     ReauthorizationRequired,
@@ -96,6 +98,13 @@ class TokenManager:
     # ------------------------------------------------------------------ public
     def get(self, *, force_refresh: bool = False) -> AccessToken:
         """A valid access token; ``force_refresh`` after a server refused the last one."""
+        try:
+            return self._get(force_refresh=force_refresh)
+        except AuthorizationError as err:
+            record_last_error(self.settings.conn_id, err)
+            raise
+
+    def _get(self, *, force_refresh: bool) -> AccessToken:
         rejected = self._last.token if force_refresh and self._last else None
         if not force_refresh:
             cache, _ = self._load_cache()

@@ -13,7 +13,13 @@ from airflow.sdk import BaseHook
 
 from airflow_provider_o365mail.auth.tokens import AccessToken, TokenManager
 from airflow_provider_o365mail.auth.xoauth2 import xoauth2_responder, xoauth2_string
-from airflow_provider_o365mail.connection import CONN_TYPE, DEFAULT_CONN_ID, O365MailSettings, settings_from_connection
+from airflow_provider_o365mail.connection import (
+    CONN_TYPE,
+    DEFAULT_CONN_ID,
+    O365MailSettings,
+    load_connection,
+    settings_from_connection,
+)
 from airflow_provider_o365mail.exceptions import (
     AuthorizationError,
     MailAuthenticationError,
@@ -61,7 +67,7 @@ class O365MailHook(BaseHook):
     # ------------------------------------------------------------------ settings and tokens
     @cached_property
     def settings(self) -> O365MailSettings:
-        return settings_from_connection(self.get_connection(self.conn_id))
+        return settings_from_connection(load_connection(self.conn_id))
 
     @cached_property
     def tokens(self) -> TokenManager:

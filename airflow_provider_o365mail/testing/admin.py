@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
+import re
 import secrets
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -117,6 +119,25 @@ class SandboxAdmin:
         if query.get("state") != [state] or "code" not in query:
             raise RuntimeError(f"authorize failed: {query.get('error_description', query)}")
         return query["code"][0], verifier
+
+    def sign_in(self, auth_uri: str, *, login: str, password: str, decision: str = "accept") -> str:
+        """Play the user on the sign-in/consent page of ``auth_uri``; returns the redirect URL (code or error)."""
+        response = self._session.get(auth_uri, allow_redirects=False, timeout=30)
+        if response.status_code in (301, 302, 303):
+            return response.headers["location"]  # single sign-on: no page at all
+        response.raise_for_status()
+        match = re.search(r'name="flow" value="([^"]+)"', response.text)
+        if match is None:
+            raise RuntimeError(f"no sign-in form at {auth_uri.split('?')[0]} (HTTP {response.status_code})")
+        posted = self._session.post(
+            auth_uri,
+            data={"flow": html.unescape(match.group(1)), "login": login, "passwd": password, "decision": decision},
+            allow_redirects=False,
+            timeout=30,
+        )
+        if posted.status_code not in (301, 302, 303):
+            raise RuntimeError(f"the sign-in page answered HTTP {posted.status_code} instead of redirecting")
+        return posted.headers["location"]
 
     def new_refresh_token(self, *, client_id: str, client_secret: str, upn: str, scope: str, redirect_uri: str) -> str:
         """Consent for ``upn`` and redeem a fresh authorization code: a new grant's refresh token."""

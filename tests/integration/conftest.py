@@ -72,6 +72,9 @@ def run_dag(airflow_db):
     return run
 
 
+ADMIN_PASSWORD = "o365mail-tests-admin"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,6 +88,14 @@ class AirflowServices:
     api_url: str
     env: dict[str, str]
     logs: Path
+    admin_password: str = ADMIN_PASSWORD
+
+    def admin_token(self) -> str:
+        response = httpx.post(
+            f"{self.api_url}/auth/token", json={"username": "admin", "password": self.admin_password}, timeout=30
+        )
+        response.raise_for_status()
+        return response.json()["access_token"]
 
     def dags_test_with_executor(self, dag_id: str, source: str, timeout: float = 300) -> DagRunResult:
         """Run a DAG through the real executor path (LocalExecutor, Task SDK over HTTP, the triggerer)."""
@@ -128,6 +139,8 @@ class AirflowServices:
 
 @pytest.fixture(scope="session")
 def airflow_services(airflow_db) -> Iterator[AirflowServices]:
+    # A known password for SimpleAuthManager's admin (it generates only missing ones).
+    (airflow_db / "simple_auth_manager_passwords.json.generated").write_text(json.dumps({"admin": ADMIN_PASSWORD}))
     port = _free_port()
     env = {
         **os.environ,
