@@ -60,6 +60,11 @@ CONN_FIELDS = {
         "Extra CA bundle", "Path to extra trusted CA certificates (PEM), e.g. for a TLS-inspecting proxy."
     ),
     "timeout": _integer("Timeout (s)", "Network timeout for the identity provider, IMAP and SMTP.", 30),
+    "credential_expires_on": _text(
+        "Client secret expires on",
+        "Optional. The secret's expiry date from Entra ID (YYYY-MM-DD): 'airflow o365mail doctor' warns 30 days ahead.",
+        format="date",
+    ),
 }
 
 UI_FIELD_BEHAVIOUR = {

@@ -19,3 +19,11 @@ fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 # Dovecot and Postfix: installed without starting the system-wide daemons.
 .venv/bin/python -c 'from airflow_provider_o365mail.testing import mailservers as m; missing = m.missing_packages(); missing and m.install_packages(missing)'
+# A browser for the consent UI test: Debian's Chromium (Playwright drives it); where apt has none
+# (Ubuntu ships it as a snap), Playwright's own build.
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null 2>&1 || true
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  .venv/bin/python -m playwright install --with-deps chromium
+fi

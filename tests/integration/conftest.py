@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ def run_dag(airflow_db):
             timeout=timeout,
             env={**os.environ, **(env or {})},
             check=False,
+            cwd=os.environ["AIRFLOW_HOME"],
         )
         return DagRunResult(result.returncode, result.stdout + result.stderr, dag_id)
 
@@ -90,9 +92,10 @@ class AirflowServices:
     logs: Path
     admin_password: str = ADMIN_PASSWORD
 
-    def admin_token(self) -> str:
+    def admin_token(self, username: str = "admin") -> str:
+        """A JWT for ``admin`` or ``operator2`` (both with the admin role)."""
         response = httpx.post(
-            f"{self.api_url}/auth/token", json={"username": "admin", "password": self.admin_password}, timeout=30
+            f"{self.api_url}/auth/token", json={"username": username, "password": self.admin_password}, timeout=30
         )
         response.raise_for_status()
         return response.json()["access_token"]
@@ -112,6 +115,7 @@ class AirflowServices:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
+                cwd=os.environ["AIRFLOW_HOME"],
             )
             result = DagRunResult(0, "", dag_id)
             deadline = time.monotonic() + timeout
@@ -140,7 +144,9 @@ class AirflowServices:
 @pytest.fixture(scope="session")
 def airflow_services(airflow_db) -> Iterator[AirflowServices]:
     # A known password for SimpleAuthManager's admin (it generates only missing ones).
-    (airflow_db / "simple_auth_manager_passwords.json.generated").write_text(json.dumps({"admin": ADMIN_PASSWORD}))
+    (airflow_db / "simple_auth_manager_passwords.json.generated").write_text(
+        json.dumps({"admin": ADMIN_PASSWORD, "operator2": ADMIN_PASSWORD})
+    )
     port = _free_port()
     env = {
         **os.environ,
@@ -152,6 +158,7 @@ def airflow_services(airflow_db) -> Iterator[AirflowServices]:
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
         "AIRFLOW__API_AUTH__JWT_SECRET": "o365mail-tests-local-jwt-secret-0123456789abcdef",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,operator2:admin",
     }
     logs = airflow_db / "service-logs"
     logs.mkdir(exist_ok=True)
@@ -165,6 +172,8 @@ def airflow_services(airflow_db) -> Iterator[AirflowServices]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Not the repository: its *.egg-info would make the provider's entry points appear twice.
+                cwd=airflow_db,
             )
         )
     deadline = time.monotonic() + 120
@@ -222,3 +231,13 @@ def db_connection(airflow_db):
 
     with create_session() as session:
         session.query(Connection).filter(Connection.conn_id.in_(created)).delete()
+
+
+@pytest.fixture
+def unauthorized_db_conn(db_connection, o365_sandbox) -> str:
+    """A connection in the metadata DB that was never authorized: no refresh token, empty token store."""
+    conn_id = f"o365mail_new_{uuid.uuid4().hex[:8]}"
+    extra = o365_sandbox.connection_extra()
+    del extra["refresh_token"]
+    connection = {"conn_type": "o365mail", "login": o365_sandbox.client_id, "password": o365_sandbox.client_secret}
+    return db_connection(conn_id, json.dumps({**connection, "extra": extra}))

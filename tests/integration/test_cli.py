@@ -29,26 +29,6 @@ def airflow(*args: str, stdin: str | None = None, timeout: float = 120) -> subpr
     )
 
 
-@pytest.fixture
-def unauthorized_db_conn(db_connection, o365_sandbox):
-    """A DB connection that was never authorized: no refresh token, empty token store."""
-    conn_id = f"o365mail_cli_{uuid.uuid4().hex[:6]}"
-    extra = o365_sandbox.connection_extra(refresh_token=None)
-    del extra["refresh_token"]
-    db_connection(
-        conn_id,
-        json.dumps(
-            {
-                "conn_type": "o365mail",
-                "login": o365_sandbox.client_id,
-                "password": o365_sandbox.client_secret,
-                "extra": extra,
-            }
-        ),
-    )
-    return conn_id
-
-
 def json_output(text: str):
     """The JSON document a command printed (log lines may come before it)."""
     lines = text.splitlines()
@@ -204,3 +184,15 @@ def test_doctor_names_the_broken_link(o365mail_conn, o365_sandbox, o365_admin, m
     failed = [c for c in checks if c["status"] == "fail"]
     assert failed[0]["link"] == link, checks
     assert words in failed[0]["detail"] + failed[0]["fix"]
+
+
+@pytest.mark.parametrize(("days", "status", "code"), [(-1, "fail", 1), (10, "warn", 0), (200, "ok", 0)])
+def test_doctor_reads_the_recorded_secret_expiry(o365mail_conn, monkeypatch, days, status, code):
+    import datetime as dt
+
+    conn = json.loads(os.environ[f"AIRFLOW_CONN_{o365mail_conn.upper()}"])
+    conn["extra"]["credential_expires_on"] = (dt.date.today() + dt.timedelta(days=days)).isoformat()
+    monkeypatch.setenv(f"AIRFLOW_CONN_{o365mail_conn.upper()}", json.dumps(conn))
+    result = airflow("doctor", "--conn-id", o365mail_conn, "-o", "json")
+    (expiry,) = [c for c in json_output(result.stdout) if c["link"].startswith("client secret")]
+    assert expiry["status"] == status and result.returncode == code
