@@ -9,17 +9,23 @@ import uuid
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 
 
-def wait_for_triggers(count: int, timeout: float = 90.0) -> None:
-    from airflow.models.trigger import Trigger
+def wait_for_deferred(dag_id: str, count: int, timeout: float = 90.0) -> None:
+    """Until ``count`` tasks of ``dag_id`` are deferred (their triggers exist), ignoring other DAGs' leftovers."""
+    from airflow.models import TaskInstance
     from airflow.utils.session import create_session
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with create_session() as session:
-            if session.query(Trigger).count() >= count:
-                return
+            deferred = (
+                session.query(TaskInstance)
+                .filter(TaskInstance.dag_id == dag_id, TaskInstance.state == "deferred")
+                .count()
+            )
+        if deferred >= count:
+            return
         time.sleep(0.5)
-    raise AssertionError(f"{count} trigger(s) did not appear")
+    raise AssertionError(f"{count} task(s) of {dag_id} did not defer")
 
 
 def xcom(dag_id: str, task_id: str):
@@ -49,7 +55,7 @@ def test_three_deferred_sensors_wake_on_idle_push_in_the_triggerer(
     sent_at: dict[str, float] = {}
 
     def send_when_deferred():
-        wait_for_triggers(3)
+        wait_for_deferred(dag_id, 3)
         hook = O365MailHook(o365mail_conn)
         for name in ("alpha", "beta", "gamma"):
             sent_at[name] = time.time()
@@ -93,7 +99,7 @@ def test_revoked_consent_ends_the_trigger_with_the_fix(airflow_services, db_conn
     dag_id = f"o365_deferred_revoked_{uuid.uuid4().hex[:6]}"
 
     def revoke_when_deferred():
-        wait_for_triggers(1)
+        wait_for_deferred(dag_id, 1)
         o365_admin.revoke_consent(sbx.user, sbx.client_id)
         o365_admin.update_settings(clock_offset=4000)  # the stored access token is now expired at Exchange
 
