@@ -151,6 +151,37 @@ class MailCriteria:
         values += [f"{k}{v}" for k, v in self.header.items()]
         return any(not value.isascii() for value in values)
 
+    # ------------------------------------------------------------------ client side
+    def matches(self, summary: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> bool:
+        """Evaluate the criteria on a summary, with IMAP SEARCH's semantics (case-insensitive substrings).
+
+        For event triggers, where one stream of new messages serves watchers with different criteria.
+        ``headers`` (lower-case names) is needed only for ``header`` criteria. Raw ``criteria`` cannot
+        be evaluated here.
+        """
+        if self.criteria:
+            raise CriteriaError("Raw IMAP criteria cannot be evaluated on a message stream; use the readable criteria.")
+        senders = _as_list(self.sender)
+        if senders and not any(_contains(summary.get("from"), s) for s in senders):
+            return False
+        recipients = _as_list(self.recipient)
+        to_cc = " ".join([*(summary.get("to") or []), *(summary.get("cc") or [])])
+        if recipients and not any(_contains(to_cc, r) for r in recipients):
+            return False
+        if self.subject and not _contains(summary.get("subject"), self.subject):
+            return False
+        received = _summary_date(summary.get("received") or summary.get("date"))
+        if self.since and (received is None or received < self.since):
+            return False
+        if self.before and (received is None or received >= self.before):
+            return False
+        if self.unseen and "\\Seen" in (summary.get("flags") or []):
+            return False
+        for name, value in self.header.items():
+            if not _contains((headers or {}).get(name.lower()), value):
+                return False
+        return self.attachments_match(summary.get("attachments") or [])
+
     # ------------------------------------------------------------------ after FETCH
     @property
     def needs_bodystructure(self) -> bool:
@@ -163,6 +194,19 @@ class MailCriteria:
         if self.has_attachment:
             return bool(attachments)
         return True
+
+
+def _contains(haystack: Any, needle: str) -> bool:
+    return str(needle).casefold() in str(haystack or "").casefold()
+
+
+def _summary_date(value: Any) -> dt.date | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(value)).date()
+    except ValueError:
+        return None
 
 
 def tokenize_raw_criteria(raw: str) -> list[Any]:

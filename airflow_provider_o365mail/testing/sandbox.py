@@ -434,3 +434,11 @@ class Sandbox:
 
     def clean_mailboxes(self) -> None:
         mailservers.clean_mailboxes(self.mail_config(json.loads(self.config_file.read_text())))
+
+    def imap_sessions(self, user: str) -> int:
+        """How many IMAP connections ``user`` holds on the sandbox's Dovecot right now."""
+        cfg = self.mail_config(json.loads(self.config_file.read_text()))
+        out = subprocess.run(
+            ["doveadm", "-c", str(cfg.dovecot_conf), "who", "-1"], capture_output=True, text=True, check=True
+        ).stdout
+        return sum(1 for line in out.splitlines()[1:] if line.split()[:2] == [user, "imap"])

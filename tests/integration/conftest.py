@@ -11,7 +11,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -91,6 +91,53 @@ class AirflowServices:
     env: dict[str, str]
     logs: Path
     admin_password: str = ADMIN_PASSWORD
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str) -> None:
+        """Start ``airflow <name>`` (api-server, triggerer, scheduler, dag-processor) unless it runs."""
+        running = self.processes.get(name)
+        if running is not None and running.poll() is None:
+            return
+        log = (self.logs / f"{name}.log").open("a")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "airflow", name],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # Not the repository: its *.egg-info would make the provider's entry points appear twice.
+            cwd=os.environ["AIRFLOW_HOME"],
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.kill(name, signal.SIGTERM)
+
+    def wait_healthy(self, component: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        health: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"{self.api_url}/api/v2/monitor/health", timeout=2).json()
+                if health.get(component.replace("-", "_"), {}).get("status") == "healthy":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{component} did not become healthy: {health}; logs in {self.logs}")
+
+    def log_text(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def admin_token(self, username: str = "admin") -> str:
         """A JWT for ``admin`` or ``operator2`` (both with the admin role)."""
@@ -159,46 +206,23 @@ def airflow_services(airflow_db) -> Iterator[AirflowServices]:
         "AIRFLOW__API_AUTH__JWT_SECRET": "o365mail-tests-local-jwt-secret-0123456789abcdef",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,operator2:admin",
+        # For the scheduler and dag-processor some tests start: new DAG files run at once.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
     }
     logs = airflow_db / "service-logs"
     logs.mkdir(exist_ok=True)
-    processes = []
-    for name in ("api-server", "triggerer"):
-        log = (logs / f"{name}.log").open("w")
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "airflow", name],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # Not the repository: its *.egg-info would make the provider's entry points appear twice.
-                cwd=airflow_db,
-            )
-        )
-    deadline = time.monotonic() + 120
-    health = {}
-    while time.monotonic() < deadline:
-        try:
-            health = httpx.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2).json()
-            if health.get("triggerer", {}).get("status") == "healthy":
-                break
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    else:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        raise RuntimeError(f"api-server/triggerer did not become healthy: {health}; logs in {logs}")
-    yield AirflowServices(api_url=f"http://127.0.0.1:{port}", env=env, logs=logs)
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    services = AirflowServices(api_url=f"http://127.0.0.1:{port}", env=env, logs=logs)
+    services.start("api-server")
+    services.start("triggerer")
+    try:
+        services.wait_healthy("triggerer")
+    except RuntimeError:
+        services.stop_all()
+        raise
+    yield services
+    services.stop_all()
 
 
 @pytest.fixture

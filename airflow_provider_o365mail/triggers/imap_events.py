@@ -1,0 +1,335 @@
+"""O365ImapEventTrigger: schedule DAGs on inbound mail (``AssetWatcher``), Airflow >= 3.3.
+
+Every watcher on the same connection, mailbox, folder and post-action shares ONE IMAP stream (one
+connection in IDLE) through Airflow 3.3's shared streams; each watcher filters the new messages
+with its own criteria and turns each match into one asset event whose payload is the message
+summary (the sensor's XCom shape).
+
+Ack mode: the post-action and the stream position (UIDVALIDITY + last UID + recent Message-IDs,
+kept in every watcher's asset state store) advance only in the producer's ``advance``, i.e. after
+Airflow stored the asset events. After a triggerer restart the stream resumes from the stored
+position, and Message-IDs already handled are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+
+from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.exceptions import O365MailError
+from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, CriteriaError, MailCriteria
+from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS
+from airflow_provider_o365mail.mail.imap_stream import FolderStream, StreamPosition
+from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
+from airflow_provider_o365mail.plugins.asset_listener import EMITTED_KEY, SOURCE_MARKER
+
+try:  # Airflow >= 3.3
+    from airflow.triggers.shared_stream import AdvanceItem, SharedStreamProducer
+except ImportError:  # pragma: no cover - refused in O365ImapEventTrigger.__init__
+    AdvanceItem = Any  # type: ignore[misc,assignment]
+    SharedStreamProducer = object  # type: ignore[misc,assignment]
+
+log = logging.getLogger(__name__)
+
+POSITION_KEY = "o365mail_imap_position"
+FIRST_SUBSCRIBER_WAIT_SECONDS = 30.0
+CRITERIA_FIELDS = (
+    "sender",
+    "recipient",
+    "subject",
+    "since",
+    "before",
+    "unseen",
+    "header",
+    "has_attachment",
+    "attachment_name",
+)
+
+
+def require_shared_streams() -> None:
+    """Fail at DAG parse on an Airflow without shared streams and the asset state store."""
+    from airflow_provider_o365mail.version_compat import AIRFLOW_V_3_3_PLUS, AIRFLOW_VERSION
+
+    if not AIRFLOW_V_3_3_PLUS or SharedStreamProducer is object:
+        raise O365MailError(
+            f"O365ImapEventTrigger needs Airflow 3.3 or newer (shared trigger streams and the asset state store); "
+            f"this is Airflow {AIRFLOW_VERSION}. On Airflow 3.2 use O365ImapSensor (deferrable=True) in a DAG instead."
+        )
+
+
+@dataclass
+class _Group:
+    """What the watchers of one stream share in this triggerer process."""
+
+    stores: dict[int, Any] = field(default_factory=dict)  # id(trigger) -> its asset state store accessors
+    matched: set[tuple[int, int]] = field(default_factory=set)  # (uidvalidity, uid) some watcher reported
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_GROUPS: dict[Hashable, _Group] = {}
+
+
+def _group(key: Hashable) -> _Group:
+    return _GROUPS.setdefault(key, _Group())
+
+
+def _stream_key(kwargs: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        "o365mail-imap",
+        str(kwargs.get("conn_id") or DEFAULT_CONN_ID),
+        str(kwargs.get("mailbox") or ""),
+        str(kwargs.get("folder") or "INBOX"),
+        str(kwargs.get("post_action") or ""),
+        str(kwargs.get("move_to") or ""),
+    )
+
+
+def _accessors(store: Any) -> list[Any]:
+    """Per-asset accessors of a trigger's ``asset_state_store`` (one per watched asset)."""
+    if store is None:
+        return []
+    accessors = [*getattr(store, "_by_name", {}).values(), *getattr(store, "_by_uri", {}).values()]
+    return accessors or [store]
+
+
+class ImapStreamProducer(SharedStreamProducer):
+    """The shared half: reads the folder once for all watchers, advances after persistence."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+
+        self.kwargs = dict(kwargs)
+        self.key = _stream_key(self.kwargs)
+        self.spec = WatchSpec.build(
+            self.kwargs.get("folder") or "INBOX",
+            post_action=self.kwargs.get("post_action"),
+            move_to=self.kwargs.get("move_to"),
+        )
+        self.hook = O365MailHook(self.kwargs.get("conn_id") or DEFAULT_CONN_ID)
+        self.position: StreamPosition | None = None
+
+    async def _stored_position(self) -> StreamPosition | None:
+        group = _group(self.key)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(group.subscribed.wait(), FIRST_SUBSCRIBER_WAIT_SECONDS)
+        positions = []
+        for store in list(group.stores.values()):
+            for accessor in _accessors(store):
+                value = await accessor.aget(POSITION_KEY)
+                position = StreamPosition.from_dict(value)
+                if position is not None:
+                    positions.append(position)
+        if not positions:
+            return None
+        # Resume from the least advanced watcher: nothing a watcher has not seen is skipped.
+        oldest = min(positions, key=lambda p: (p.uidvalidity, p.last_uid))
+        seen = [m for p in positions for m in p.seen_message_ids]
+        return StreamPosition(oldest.uidvalidity, oldest.last_uid, seen, max(p.updated_at for p in positions))
+
+    async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
+        start = await self._stored_position()
+        self.position = start
+        stream = FolderStream(
+            self.hook,
+            self.spec.folders[0],
+            mailbox=self.kwargs.get("mailbox"),
+            poll_interval=float(self.kwargs.get("poll_interval") or 60.0),
+            max_idle=min(float(self.kwargs.get("idle_timeout") or MAX_IDLE_SECONDS), MAX_IDLE_SECONDS),
+        )
+        async for raw, payload in stream.events(
+            start, name=f"{self.key[1]}/{self.spec.folders[0]}", on_first_position=self._store_position
+        ):
+            yield raw, payload
+        raise O365MailError("The IMAP stream ended unexpectedly.")  # contract: yield forever or raise
+
+    async def _store_position(self, position: StreamPosition) -> None:
+        """Write the position into every watcher's asset state store (the next start resumes there)."""
+        self.position = position
+        for store in list(_group(self.key).stores.values()):
+            for accessor in _accessors(store):
+                await accessor.aset(POSITION_KEY, position.to_dict())
+
+    def get_advance_lane(self, broker_payload: Any) -> Hashable:
+        return None
+
+    async def advance(self, batch: Sequence[AdvanceItem]) -> None:
+        group = _group(self.key)
+        clean = []
+        for item in batch:
+            if not item.outcome.is_clean:
+                break
+            clean.append(item.broker_payload)
+        if clean:
+            matched = [p for p in clean if (p["uidvalidity"], p["uid"]) in group.matched]
+            if self.spec.post_action and matched:
+                result = CheckResult(
+                    messages=[{"folder": self.spec.folders[0], **p} for p in matched],
+                    scanned={},
+                )
+                await asyncio.to_thread(
+                    self.hook.commit_mail, self.spec, result, None, mailbox=self.kwargs.get("mailbox")
+                )
+            for p in matched:
+                group.matched.discard((p["uidvalidity"], p["uid"]))
+            last = clean[-1]
+            base = self.position or StreamPosition(last["uidvalidity"], 0)
+            self.position = base.advanced(
+                last["uidvalidity"], last["uid"], [p["message_id"] for p in clean], time.time()
+            )
+            await self._store_position(self.position)
+        if len(clean) != len(batch):
+            raise O365MailError(
+                "A watcher did not confirm a message in time; restarting the stream from the last confirmed "
+                "position so that nothing is lost."
+            )
+
+
+class O365ImapEventTrigger(BaseEventTrigger):
+    """Fire one asset event per new message matching the criteria in ``folder``.
+
+    :param conn_id: the ``o365mail`` connection.
+    :param folder: the folder to watch (one per watcher).
+    :param mailbox: another mailbox to open (shared mailbox).
+    :param sender: ...the sensor's criteria (same names and meaning), except raw ``criteria``.
+    :param post_action: ``None``, ``"seen"``, ``"flag"`` or ``"move"`` (with ``move_to``), applied after
+        Airflow stored the asset event.
+    :param poll_interval: seconds between reads where the server has no IDLE.
+    :param idle_timeout: re-issue IDLE after this many seconds (at most 1500).
+    """
+
+    def __init__(
+        self,
+        *,
+        conn_id: str = DEFAULT_CONN_ID,
+        folder: str = "INBOX",
+        mailbox: str | None = None,
+        sender: str | Sequence[str] | None = None,
+        recipient: str | Sequence[str] | None = None,
+        subject: str | None = None,
+        since: str | None = None,
+        before: str | None = None,
+        unseen: bool = False,
+        header: dict[str, str] | None = None,
+        has_attachment: bool = False,
+        attachment_name: str | None = None,
+        post_action: str | None = None,
+        move_to: str | None = None,
+        poll_interval: float = 60.0,
+        idle_timeout: float = MAX_IDLE_SECONDS,
+        **kwargs: Any,
+    ) -> None:
+        require_shared_streams()
+        if kwargs.get("criteria"):
+            raise CriteriaError("O365ImapEventTrigger takes the readable criteria only, not raw IMAP 'criteria'.")
+        kwargs.pop("criteria", None)
+        super().__init__(**kwargs)
+        if post_action not in POST_ACTIONS or (post_action == "move" and not move_to):
+            raise CriteriaError("post_action must be None, 'seen', 'flag' or 'move' (with move_to).")
+        self.conn_id = conn_id
+        self.folder = folder
+        self.mailbox = mailbox
+        self.criteria_values = {
+            "sender": sender,
+            "recipient": recipient,
+            "subject": subject,
+            "since": since.isoformat() if hasattr(since, "isoformat") else since,
+            "before": before.isoformat() if hasattr(before, "isoformat") else before,
+            "unseen": unseen,
+            "header": dict(header or {}),
+            "has_attachment": has_attachment,
+            "attachment_name": attachment_name,
+        }
+        self.criteria = MailCriteria.build(**dict(self.criteria_values))
+        self.post_action = post_action
+        self.move_to = move_to
+        self.poll_interval = float(poll_interval)
+        self.idle_timeout = min(float(idle_timeout), MAX_IDLE_SECONDS)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "conn_id": self.conn_id,
+                "folder": self.folder,
+                "mailbox": self.mailbox,
+                **self.criteria_values,
+                "post_action": self.post_action,
+                "move_to": self.move_to,
+                "poll_interval": self.poll_interval,
+                "idle_timeout": self.idle_timeout,
+            },
+        )
+
+    def shared_stream_key(self) -> Hashable | None:
+        return _stream_key(self.serialize()[1])
+
+    @classmethod
+    def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> ImapStreamProducer:
+        return ImapStreamProducer(kwargs)
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        key = self.shared_stream_key()
+        group = _group(key)
+        group.stores[id(self)] = self.asset_state_store
+        group.subscribed.set()
+        reported = await self._reported_message_ids()
+        try:
+            async for raw in shared_stream:
+                summary = raw["summary"]
+                if self.criteria.matches(summary, raw.get("headers")):
+                    group.matched.add((summary["uidvalidity"], summary["uid"]))
+                    if summary["message_id"] and summary["message_id"] in reported:
+                        log.info("Skipping %s: already reported before a restart.", summary["message_id"])
+                        continue
+                    yield TriggerEvent({**summary, "source": SOURCE_MARKER})
+        finally:
+            group.stores.pop(id(self), None)
+            if not group.stores:
+                _GROUPS.pop(key, None)
+
+    async def _reported_message_ids(self) -> set[str]:
+        """Message-IDs whose asset events Airflow stored (recorded in the same transaction by the listener)."""
+        reported: set[str] = set()
+        for accessor in _accessors(self.asset_state_store):
+            value = await accessor.aget(EMITTED_KEY)
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = json.loads(value)
+            if isinstance(value, list):
+                reported.update(str(v) for v in value)
+        return reported
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Without a shared-stream manager: the same stream for this watcher alone (advance after yield)."""
+        producer = ImapStreamProducer(self.serialize()[1])
+        group = _group(producer.key)
+        group.stores[id(self)] = self.asset_state_store
+        group.subscribed.set()
+        try:
+            async for raw, payload in producer.open_stream():
+                if self.criteria.matches(raw["summary"], raw.get("headers")):
+                    group.matched.add((payload["uidvalidity"], payload["uid"]))
+                    yield TriggerEvent({**raw["summary"], "source": SOURCE_MARKER})
+                await producer.advance([_Resolved(payload)])
+        finally:
+            group.stores.pop(id(self), None)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    is_clean: bool = True
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    broker_payload: dict[str, Any]
+    outcome: _Outcome = field(default_factory=_Outcome)

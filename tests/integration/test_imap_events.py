@@ -1,0 +1,220 @@
+"""O365ImapEventTrigger behind AssetWatchers in a real Airflow (scheduler, dag-processor, triggerer).
+
+DAGs are scheduled on assets whose watchers turn new mail into asset events; the sandbox's
+Dovecot counts the IMAP connections the shared stream holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.testing.sandbox import Sandbox
+
+
+@pytest.fixture
+def event_airflow(airflow_services):
+    """The session's api-server and triggerer plus a scheduler and a dag-processor."""
+    airflow_services.start("scheduler")
+    airflow_services.start("dag-processor")
+    airflow_services.wait_healthy("scheduler")
+    return airflow_services
+
+
+def write_dag(name: str, source: str) -> None:
+    import os
+    import textwrap
+
+    dags = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    dags.mkdir(parents=True, exist_ok=True)
+    (dags / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def asset_events(asset_name: str) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.name == asset_name)
+            .order_by(AssetEvent.id)
+            .all()
+        )
+        return [dict(row.extra or {}) for row in rows]
+
+
+def dag_runs(dag_id: str) -> list[tuple[str, str]]:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return [(str(r.state), r.run_type) for r in session.query(DagRun).filter(DagRun.dag_id == dag_id)]
+
+
+def task_xcoms(dag_id: str, task_id: str) -> list:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.task_id == task_id).all()
+        return [row.value for row in rows]
+
+
+def stream_started(services, conn_id: str, count: int = 1) -> bool:
+    return services.log_text("triggerer").count(f"IMAP stream {conn_id}/INBOX starts") >= count
+
+
+def test_a_dag_runs_once_per_matching_message_with_its_summary(event_airflow, db_connection, o365_sandbox):
+    sbx = o365_sandbox
+    tag = uuid.uuid4().hex[:8]
+    conn_id = db_connection(f"o365mail_events_{tag}", sbx.connection_json(refresh_token=sbx.new_refresh_token()))
+    write_dag(
+        f"o365_invoices_{tag}",
+        f"""
+        from airflow.sdk import Asset, AssetWatcher, dag, task
+        from airflow_provider_o365mail.triggers.imap_events import O365ImapEventTrigger
+
+        invoices = Asset("invoices_{tag}", watchers=[AssetWatcher(
+            name="invoice_mail_{tag}",
+            trigger=O365ImapEventTrigger(conn_id={conn_id!r}, subject="Invoice {tag}", post_action="seen"),
+        )])
+
+        @dag(schedule=[invoices])
+        def o365_invoices_{tag}():
+            @task
+            def handle(triggering_asset_events=None):
+                return [e.extra["payload"] for events in triggering_asset_events.values() for e in events]
+
+            handle()
+
+        o365_invoices_{tag}()
+        """,
+    )
+    wait_until(lambda: stream_started(event_airflow, conn_id), 120, "the watcher's IMAP stream")
+    hook = O365MailHook(conn_id)
+    dag_id = f"o365_invoices_{tag}"
+    for number in (1, 2):
+        message_id = hook.send_email(to=sbx.user, subject=f"Invoice {tag} #{number}", text_content="x")
+        hook.send_email(to=sbx.user, subject=f"Newsletter {tag} #{number}", text_content="not an invoice")
+        wait_until(lambda n=number: len([r for r in dag_runs(dag_id) if r[0] == "success"]) >= n, 120, "the DAG run")
+        payload = asset_events(f"invoices_{tag}")[-1]["payload"]
+        assert payload["message_id"] == message_id and payload["subject"] == f"Invoice {tag} #{number}"
+    assert len(asset_events(f"invoices_{tag}")) == 2, "one asset event per matching message"
+    assert {run_type for _, run_type in dag_runs(dag_id)} == {"asset_triggered"}
+    summaries = [s for value in task_xcoms(dag_id, "handle") for s in value]
+    assert sorted(s["subject"] for s in summaries) == [f"Invoice {tag} #1", f"Invoice {tag} #2"]
+    assert {"folder", "uid", "uidvalidity", "message_id", "from", "to", "date", "size", "attachments"} <= set(
+        summaries[0]
+    )
+    # post_action="seen" ran after the events were stored: the invoices are read, the newsletters not
+    from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+
+    unread = O365ImapSensor(task_id="check", conn_id=conn_id, subject=tag, unseen=True).poke({})
+    assert sorted(m["subject"] for m in unread.xcom_value) == [f"Newsletter {tag} #1", f"Newsletter {tag} #2"]
+
+
+def test_three_watchers_share_one_imap_connection(event_airflow, db_connection, o365_sandbox):
+    sbx = o365_sandbox
+    tag = uuid.uuid4().hex[:8]
+    conn_id = db_connection(f"o365mail_shared_{tag}", sbx.connection_json(refresh_token=sbx.new_refresh_token()))
+    sandbox = Sandbox(sbx.state_dir)
+    before = sandbox.imap_sessions(sbx.user)
+    watchers = {"invoices": 'subject="Invoice"', "alerts": 'subject="Alert"', "partner": 'sender="partner.test"'}
+    assets = "\n".join(
+        f'        {name} = Asset("{name}_{tag}", watchers=[AssetWatcher(name="{name}_{tag}", '
+        f"trigger=O365ImapEventTrigger(conn_id={conn_id!r}, {criteria}))])"
+        for name, criteria in watchers.items()
+    )
+    write_dag(
+        f"o365_shared_{tag}",
+        f"""
+        from airflow.sdk import Asset, AssetWatcher, dag, task
+        from airflow_provider_o365mail.triggers.imap_events import O365ImapEventTrigger
+
+{assets}
+
+        @dag(schedule=(invoices | alerts | partner))
+        def o365_shared_{tag}():
+            @task
+            def noop():
+                pass
+
+            noop()
+
+        o365_shared_{tag}()
+        """,
+    )
+    wait_until(lambda: stream_started(event_airflow, conn_id), 120, "the shared IMAP stream")
+    time.sleep(2)  # all three watchers subscribed and the stream is in IDLE
+    assert sandbox.imap_sessions(sbx.user) - before == 1, "three watchers, one IMAP connection"
+    hook = O365MailHook(conn_id)
+    hook.send_email(to=sbx.user, subject=f"Invoice {tag}", text_content="x")
+    hook.send_email(to=sbx.user, subject=f"Alert {tag}", text_content="x")
+    hook.send_email(to=sbx.user, subject=f"Other {tag}", text_content="x")
+    for name, expected in (("invoices", f"Invoice {tag}"), ("alerts", f"Alert {tag}")):
+        events = wait_until(lambda n=name: asset_events(f"{n}_{tag}"), 60, f"the {name} event")
+        assert [e["payload"]["subject"] for e in events] == [expected]
+    assert asset_events(f"partner_{tag}") == [], "mail from the sandbox domain is not from partner.test"
+    assert event_airflow.log_text("triggerer").count(f"IMAP stream {conn_id}/INBOX starts") == 1
+
+
+def test_triggerer_killed_mid_burst_loses_nothing(event_airflow, db_connection, o365_sandbox):
+    sbx = o365_sandbox
+    tag = uuid.uuid4().hex[:8]
+    conn_id = db_connection(f"o365mail_burst_{tag}", sbx.connection_json(refresh_token=sbx.new_refresh_token()))
+    write_dag(
+        f"o365_burst_{tag}",
+        f"""
+        from airflow.sdk import Asset, AssetWatcher, dag, task
+        from airflow_provider_o365mail.triggers.imap_events import O365ImapEventTrigger
+
+        burst = Asset("burst_{tag}", watchers=[AssetWatcher(
+            name="burst_{tag}", trigger=O365ImapEventTrigger(conn_id={conn_id!r}, subject="Burst {tag}"))])
+
+        @dag(schedule=[burst])
+        def o365_burst_{tag}():
+            @task
+            def noop():
+                pass
+
+            noop()
+
+        o365_burst_{tag}()
+        """,
+    )
+    wait_until(lambda: stream_started(event_airflow, conn_id), 120, "the watcher's IMAP stream")
+    hook = O365MailHook(conn_id)
+    total = 300
+    hook.send_messages([hook.compose(to=sbx.user, subject=f"Burst {tag} {i}", text_content="x") for i in range(total)])
+    wait_until(lambda: len(asset_events(f"burst_{tag}")) >= 20, 60, "the first events")
+    event_airflow.kill("triggerer")  # SIGKILL, mid-burst
+    persisted_at_kill = len(asset_events(f"burst_{tag}"))
+    event_airflow.start("triggerer")
+    wait_until(
+        lambda: len({e["payload"]["message_id"] for e in asset_events(f"burst_{tag}")}) >= total,
+        180,
+        "every message after the restart",
+        interval=2,
+    )
+    counts = collections.Counter(e["payload"]["subject"] for e in asset_events(f"burst_{tag}"))
+    assert set(counts) == {f"Burst {tag} {i}" for i in range(total)}, "no message lost"
+    duplicates = sum(n - 1 for n in counts.values())
+    print(f"burst of {total}: {persisted_at_kill} persisted at the kill, {duplicates} duplicates after the restart")
+    assert duplicates == 0, "messages stored before the kill were not reported again"
