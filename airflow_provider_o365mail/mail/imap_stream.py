@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 HEADER_ITEM = "BODY.PEEK[HEADER]"
 FETCH_CHUNK = 200
 MAX_BACKOFF_SECONDS = 300.0
+PARKED_FIRST_SECONDS = 60.0
+PARKED_MAX_SECONDS = 1800.0
 PERMANENT_ERRORS = (
     exceptions.AuthorizationError,
     exceptions.ConnectionConfigError,
@@ -155,11 +157,14 @@ class FolderStream:
         """``on_first_position`` persists where a stream without a stored position begins (before any yield)."""
         self.read_position = start
         failures = 0
+        parked = 0
         announced = False
         while True:
             try:
                 events, uidnext = await asyncio.to_thread(self.read_new)
-                failures = 0
+                if parked:
+                    log.info("Watching %s works again.", name or self.folder)
+                failures = parked = 0
                 if not announced and self.read_position is not None:
                     announced = True
                     if start is None and on_first_position is not None:
@@ -182,8 +187,19 @@ class FolderStream:
                         },
                     )
                 await self.waiter.wait(CheckResult(scanned={self.folder: {"uidnext": uidnext}}))
-            except PERMANENT_ERRORS:
-                raise
+            except PERMANENT_ERRORS as err:
+                # Raising would fail the watcher, and Airflow restarts failed watchers within seconds: an
+                # endless loop. Report once, then check again rarely until someone fixes the cause.
+                parked += 1
+                delay = min(PARKED_MAX_SECONDS, PARKED_FIRST_SECONDS * 2 ** (parked - 1))
+                if parked == 1:
+                    log.error("Watching %s stopped: %s Next check in %.0f s.", name or self.folder, err, delay)
+                else:
+                    log.warning(
+                        "Watching %s: still %s; next check in %.0f s.", name or self.folder, type(err).__name__, delay
+                    )
+                await asyncio.sleep(delay)
+                continue
             except Exception as err:  # dropped connection, timeouts, 5xx
                 failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)  # noqa: S311

@@ -218,3 +218,38 @@ def test_triggerer_killed_mid_burst_loses_nothing(event_airflow, db_connection, 
     duplicates = sum(n - 1 for n in counts.values())
     print(f"burst of {total}: {persisted_at_kill} persisted at the kill, {duplicates} duplicates after the restart")
     assert duplicates == 0, "messages stored before the kill were not reported again"
+
+
+def test_revoked_consent_fails_the_watcher_once_with_the_fix(event_airflow, db_connection, o365_sandbox, o365_admin):
+    sbx = o365_sandbox
+    tag = uuid.uuid4().hex[:8]
+    conn_id = db_connection(f"o365mail_revoked_{tag}", sbx.connection_json(refresh_token=sbx.new_refresh_token()))
+    write_dag(
+        f"o365_revoked_watch_{tag}",
+        f"""
+        from airflow.sdk import Asset, AssetWatcher, dag, task
+        from airflow_provider_o365mail.triggers.imap_events import O365ImapEventTrigger
+
+        watched = Asset("revoked_{tag}", watchers=[AssetWatcher(
+            name="revoked_{tag}", trigger=O365ImapEventTrigger(conn_id={conn_id!r}, subject="x", idle_timeout=3))])
+
+        @dag(schedule=[watched])
+        def o365_revoked_watch_{tag}():
+            @task
+            def noop():
+                pass
+
+            noop()
+
+        o365_revoked_watch_{tag}()
+        """,
+    )
+    wait_until(lambda: stream_started(event_airflow, conn_id), 120, "the watcher's IMAP stream")
+    o365_admin.revoke_consent(sbx.user, sbx.client_id)
+    o365_admin.update_settings(clock_offset=4000)  # the access token in use has expired at Exchange
+    wait_until(lambda: "AADSTS65001" in event_airflow.log_text("triggerer"), 60, "the consent error in the log")
+    first = event_airflow.log_text("triggerer").count("AADSTS65001")
+    time.sleep(30)
+    later = event_airflow.log_text("triggerer").count("AADSTS65001")
+    assert f"airflow o365mail authorize --conn-id {conn_id}" in event_airflow.log_text("triggerer")
+    assert later - first <= 2, f"the error repeats: {first} then {later} occurrences in 30 s"

@@ -19,4 +19,5 @@ def test_example_dags_parse():
         "example_o365mail_connection_check",
         "example_o365mail_send_report",
         "example_o365mail_invoice_roundtrip",
+        "example_o365mail_invoice_events",
     } <= set(bag.dag_ids)
