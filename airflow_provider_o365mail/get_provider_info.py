@@ -105,7 +105,13 @@ def get_provider_info() -> dict:
             {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.sensors.imap"]}
         ],
         "triggers": [
-            {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.triggers.imap"]}
+            {
+                "integration-name": "Microsoft 365 Mail",
+                "python-modules": [
+                    "airflow_provider_o365mail.triggers.imap",
+                    "airflow_provider_o365mail.triggers.imap_events",
+                ],
+            }
         ],
         "hooks": [
             {"integration-name": "Microsoft 365 Mail", "python-modules": ["airflow_provider_o365mail.hooks.o365mail"]}

@@ -199,3 +199,14 @@ def start_airflow_services(home: Path, extra_env: dict[str, str] | None = None) 
         services.stop_all()
         raise
     return services
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy; return that, or raise after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

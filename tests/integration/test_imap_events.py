@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.testing.airflow_services import wait_until
 from airflow_provider_o365mail.testing.sandbox import Sandbox
 
 
@@ -33,16 +34,6 @@ def write_dag(name: str, source: str) -> None:
     dags = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     dags.mkdir(parents=True, exist_ok=True)
     (dags / f"{name}.py").write_text(textwrap.dedent(source))
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def asset_events(asset_name: str) -> list[dict]:

@@ -85,7 +85,7 @@ def test_every_module_listed_in_provider_info_imports():
         m for key in ("operators", "sensors", "triggers", "hooks") for item in info[key] for m in item["python-modules"]
     ]
     dotted = [*info["notifications"], *info["email-backends"]]
-    assert len(modules) == 5
+    assert len(modules) == 6
     for module in modules:
         importlib.import_module(module)
     for path in dotted:
