@@ -72,10 +72,6 @@ def _classify(err: BaseException, conn_id: str) -> tuple[str, str]:
     return "unknown", ""
 
 
-def _load_settings(conn_id: str) -> O365MailSettings:
-    return settings_from_connection(load_connection(conn_id))
-
-
 def _check_endpoints(s: O365MailSettings) -> Check:
     url = f"{s.authority}/v2.0/.well-known/openid-configuration"
     try:
@@ -107,8 +103,7 @@ def _check_endpoints(s: O365MailSettings) -> Check:
     return Check("endpoints", OK, f"V2 discovery at {s.authority} answers; issuer {issuer}")
 
 
-def _check_secret_expiry(conn_id: str) -> Check | None:
-    extra = load_connection(conn_id).extra_dejson
+def _check_secret_expiry(extra: dict[str, Any]) -> Check | None:
     raw = extra.get(CREDENTIAL_EXPIRY_FIELD)
     if not raw:
         return None
@@ -140,9 +135,10 @@ def diagnose(conn_id: str) -> list[Check]:
 
     checks: list[Check] = []
     try:
-        settings = _load_settings(conn_id)
+        connection = load_connection(conn_id)
+        settings = settings_from_connection(connection)
     except Exception as err:
-        link, fix = _classify(err, conn_id)
+        _, fix = _classify(err, conn_id)
         return [Check("connection", FAIL, str(err), fix or "Create the connection (docs/connection.md).")]
     checks.append(
         Check(
@@ -154,7 +150,7 @@ def diagnose(conn_id: str) -> list[Check]:
     )
     endpoints = _check_endpoints(settings)
     checks.append(endpoints)
-    expiry = _check_secret_expiry(conn_id)
+    expiry = _check_secret_expiry(connection.extra_dejson)
     if expiry is not None:
         checks.append(expiry)
     if endpoints.status == FAIL:

@@ -206,9 +206,4 @@ def compose_message(
     )
 
 
-def mailbox_address(mailbox: str, from_email: str | None) -> str:
-    """The From address: ``from_email`` if given (send-as), else the connection's mailbox."""
-    return from_email or mailbox
-
-
-__all__ = ["Address", "OutgoingMessage", "compose_message", "mailbox_address"]
+__all__ = ["OutgoingMessage", "compose_message"]

@@ -12,21 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aioimaplib
 from imapclient import imap_utf7
 
+from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.exceptions import MailAuthenticationError, MailServerError
+from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
 
 log = logging.getLogger(__name__)
 # aioimaplib logs the AUTHENTICATE line (a base64 token) at DEBUG: never let that through.
 logging.getLogger("aioimaplib.aioimaplib").setLevel(logging.INFO)
 
 MAX_IDLE_SECONDS = 25 * 60
+MAX_BACKOFF_SECONDS = 300.0
+# Errors a person must fix: reconnecting cannot help.
+PERMANENT_ERRORS = (
+    exceptions.AuthorizationError,
+    exceptions.ConnectionConfigError,
+    exceptions.MailAuthenticationError,
+    exceptions.TokenStoreError,
+)
 TOKEN_MARGIN_SECONDS = 120
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 _PUSH = re.compile(rb"^\d+ (EXISTS|RECENT)$|^(\d+ )?FETCH|BYE", re.IGNORECASE)
@@ -115,3 +127,61 @@ def _uidnext(response: object) -> int | None:
             if match:
                 return int(match.group(1))
     return None
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds before reconnecting after the n-th consecutive transient failure (2, 4, 8... <= 300, jittered)."""
+    return min(MAX_BACKOFF_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+
+
+class MailWaiter:
+    """Waits for a change in the watched folders: IDLE per folder, or polling."""
+
+    def __init__(self, hook: Any, spec: WatchSpec, mailbox: str | None, poll_interval: float, max_idle: float):
+        self.hook = hook
+        self.spec = spec
+        self.mailbox = mailbox
+        self.poll_interval = poll_interval
+        self.max_idle = max_idle
+        self.idle_supported: bool | None = None
+
+    async def wait(self, last: CheckResult) -> str:
+        if self.idle_supported is False:
+            await asyncio.sleep(self.poll_interval)
+            return "poll"
+        token = await asyncio.to_thread(self.hook.access_token)
+        settings = self.hook.settings
+        waits = [
+            asyncio.ensure_future(
+                wait_for_new_mail(
+                    IdleTarget(
+                        settings.imap_host,
+                        settings.imap_port,
+                        self.mailbox or settings.mailbox,
+                        folder,
+                        float(settings.timeout),
+                    ),
+                    token.token,
+                    token.expires_on,
+                    self.hook.ssl_context,
+                    last.scanned.get(folder, {}).get("uidnext"),
+                    self.max_idle,
+                )
+            )
+            for folder in self.spec.folders
+        ]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in waits:
+                pending.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        outcome = next(iter(done))
+        try:
+            reason = outcome.result()
+        except IdleUnsupported:
+            log.info("%s offers no IDLE: polling every %.0f s.", settings.imap_host, self.poll_interval)
+            self.idle_supported = False
+            return await self.wait(last)
+        self.idle_supported = True
+        return reason

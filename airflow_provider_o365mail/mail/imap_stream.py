@@ -12,64 +12,25 @@ import asyncio
 import datetime as dt
 import email
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
 from email import policy
 from typing import Any
 
-from airflow_provider_o365mail import exceptions
+from airflow_provider_o365mail.mail.imap_idle import PERMANENT_ERRORS, MailWaiter, reconnect_delay
 from airflow_provider_o365mail.mail.imap_summary import FETCH_ITEMS, summarize
 from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.mail.watermark import SEEN_IDS_KEPT
+from airflow_provider_o365mail.mail.watermark import FolderWatermark
 
 log = logging.getLogger(__name__)
 
 HEADER_ITEM = "BODY.PEEK[HEADER]"
 FETCH_CHUNK = 200
-MAX_BACKOFF_SECONDS = 300.0
 PARKED_FIRST_SECONDS = 60.0
 PARKED_MAX_SECONDS = 1800.0
-PERMANENT_ERRORS = (
-    exceptions.AuthorizationError,
-    exceptions.ConnectionConfigError,
-    exceptions.MailAuthenticationError,
-    exceptions.TokenStoreError,
-)
 
 
-@dataclass
-class StreamPosition:
-    """Where a folder stream stands: UIDVALIDITY, last UID handled, recent Message-IDs."""
-
-    uidvalidity: int
-    last_uid: int
-    seen_message_ids: list[str] = field(default_factory=list)
-    updated_at: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> StreamPosition | None:
-        if not isinstance(data, dict) or "uidvalidity" not in data:
-            return None
-        return cls(
-            uidvalidity=int(data["uidvalidity"]),
-            last_uid=int(data["last_uid"]),
-            seen_message_ids=[str(m) for m in data.get("seen_message_ids", [])][-SEEN_IDS_KEPT:],
-            updated_at=float(data.get("updated_at", 0.0)),
-        )
-
-    def advanced(self, uidvalidity: int, uid: int, message_ids: list[str], now: float) -> StreamPosition:
-        same = uidvalidity == self.uidvalidity
-        seen = [*self.seen_message_ids, *(m for m in message_ids if m)]  # kept across UIDVALIDITY changes
-        return StreamPosition(
-            uidvalidity=uidvalidity,
-            last_uid=max(uid, self.last_uid) if same else uid,
-            seen_message_ids=list(dict.fromkeys(seen))[-SEEN_IDS_KEPT:],
-            updated_at=now,
-        )
+# The stream's position is a folder watermark kept in the asset state store.
+StreamPosition = FolderWatermark
 
 
 def headers_of(raw_header: bytes | None) -> dict[str, str]:
@@ -95,8 +56,6 @@ class FolderStream:
     """New messages of ``folder`` after a position: ``(raw_event, payload)`` pairs, forever."""
 
     def __init__(self, hook: Any, folder: str, *, mailbox: str | None, poll_interval: float, max_idle: float) -> None:
-        from airflow_provider_o365mail.triggers.imap import MailWaiter
-
         self.hook = hook
         self.folder = folder
         self.mailbox = mailbox
@@ -202,7 +161,7 @@ class FolderStream:
                 continue
             except Exception as err:  # dropped connection, timeouts, 5xx
                 failures += 1
-                delay = min(MAX_BACKOFF_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+                delay = reconnect_delay(failures)
                 log.warning(
                     "Reading %s failed (%s: %s); retrying in %.0f s.", self.folder, type(err).__name__, err, delay
                 )

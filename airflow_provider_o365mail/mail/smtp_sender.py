@@ -97,7 +97,6 @@ class SmtpBatchSender:
         self._sleep = sleep
         self._client: smtplib.SMTP | None = None
         self._token: AccessToken | None = None
-        self.sessions_opened = 0
 
     def __enter__(self) -> SmtpBatchSender:
         return self
@@ -134,7 +133,6 @@ class SmtpBatchSender:
             ) from None
         except (smtplib.SMTPServerDisconnected, TimeoutError, ConnectionError) as err:
             raise _Transient(f"{type(err).__name__}: {err}", drop_session=True) from None
-        self.sessions_opened += 1
         return self._client
 
     def _where(self) -> str:
@@ -196,9 +194,6 @@ class SmtpBatchSender:
                 f"SMTP server {self._where()} refused the sender {message.envelope_from}: {reply}. For another From "
                 "address the signed-in mailbox needs Send As (or Send on Behalf) permission on it."
             )
-
-    def send_all(self, messages: Iterable[OutgoingMessage]) -> list[SendResult]:
-        return [self.send(message) for message in messages]
 
     def _transaction(
         self, client: smtplib.SMTP, envelope_from: str, recipients: list[str], data: bytes

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from airflow_provider_o365mail.auth.store import VariableBackend, default_backend
 
@@ -31,14 +31,31 @@ class FolderWatermark:
     seen_message_ids: list[str] = field(default_factory=list)
     updated_at: float = 0.0
 
-    def advanced(self, uidvalidity: int, high_uid: int, message_ids: Iterable[str]) -> FolderWatermark:
+    def advanced(
+        self, uidvalidity: int, high_uid: int, message_ids: Iterable[str], now: float | None = None
+    ) -> FolderWatermark:
+        """Past ``high_uid``; Message-IDs are kept across UIDVALIDITY changes (they dedupe the rescan)."""
         same_folder = uidvalidity == self.uidvalidity
         seen = [*self.seen_message_ids, *(m for m in message_ids if m)]
         return FolderWatermark(
             uidvalidity=uidvalidity,
             last_uid=max(high_uid, self.last_uid) if same_folder else high_uid,
             seen_message_ids=list(dict.fromkeys(reversed(seen)))[:SEEN_IDS_KEPT][::-1],
-            updated_at=time.time(),
+            updated_at=time.time() if now is None else now,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FolderWatermark | None:
+        if not isinstance(data, dict) or "uidvalidity" not in data:
+            return None
+        return cls(
+            uidvalidity=int(data["uidvalidity"]),
+            last_uid=int(data["last_uid"]),
+            seen_message_ids=[str(m) for m in data.get("seen_message_ids", [])][-SEEN_IDS_KEPT:],
+            updated_at=float(data.get("updated_at", 0.0)),
         )
 
 
@@ -51,11 +68,12 @@ def _decode(raw: str | None) -> dict[str, FolderWatermark]:
     if not raw:
         return {}
     data = json.loads(raw)
-    return {folder: FolderWatermark(**values) for folder, values in data.get("folders", {}).items()}
+    folders = {folder: FolderWatermark.from_dict(values) for folder, values in data.get("folders", {}).items()}
+    return {folder: mark for folder, mark in folders.items() if mark is not None}
 
 
 def _encode(watermarks: dict[str, FolderWatermark]) -> str:
-    return json.dumps({"version": 1, "folders": {f: asdict(w) for f, w in watermarks.items()}})
+    return json.dumps({"version": 1, "folders": {f: w.to_dict() for f, w in watermarks.items()}})
 
 
 def variable_key(conn_id: str, watch_id: str, mailbox: str | None = None) -> str:
@@ -83,6 +101,3 @@ class VariableWatermarkStore:
 
     def save(self, watermarks: dict[str, FolderWatermark]) -> None:
         self.backend.set(self.key, _encode(watermarks), description=WATERMARK_DESCRIPTION)
-
-    def reset(self) -> None:
-        self.backend.delete(self.key)

@@ -8,6 +8,7 @@ No token ever appears in a page, a URL of ours or a log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -47,10 +48,6 @@ def callback_url(request: Request) -> str:
         base = str(request.base_url).rstrip("/")
         base = base[: -len("/o365mail")] if base.endswith("/o365mail") else base
     return base + CALLBACK_PATH
-
-
-def _connection(conn_id: str) -> Any:
-    return load_connection(conn_id)
 
 
 def _o365_connections(session: Any) -> list[Any]:
@@ -114,7 +111,7 @@ def create_app() -> FastAPI:
         from airflow.utils.session import create_session
 
         try:
-            settings = settings_from_connection(_connection(connection_id))
+            settings = settings_from_connection(load_connection(connection_id))
             redirect_uri = callback_url(request)
             flow = ConsentFlow(settings, redirect_uri).start()
         except O365MailError as err:
@@ -137,8 +134,7 @@ def create_app() -> FastAPI:
     async def callback(request: Request) -> HTMLResponse:
         params = dict(request.query_params)
         cookie_user = await _optional_user(request)
-        result = await _run_sync(_finish_callback, params, cookie_user)
-        return result
+        return await asyncio.to_thread(_finish_callback, params, cookie_user)
 
     return app
 
@@ -156,12 +152,6 @@ async def _optional_user(request: Request) -> str | None:
         return str((await resolve_user_from_token(token)).get_id())
     except HTTPException:
         return None
-
-
-async def _run_sync(func: Any, *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(func, *args)
 
 
 def _finish_callback(params: dict[str, str], cookie_user: str | None) -> HTMLResponse:
@@ -183,7 +173,7 @@ def _finish_callback(params: dict[str, str], cookie_user: str | None) -> HTMLRes
             status_code=403,
         )
     try:
-        settings = settings_from_connection(_connection(pending.conn_id))
+        settings = settings_from_connection(load_connection(pending.conn_id))
         result = ConsentFlow(settings, pending.redirect_uri).finish(pending.flow, params)
         result = store_consent(result)
         clear_last_error(pending.conn_id)

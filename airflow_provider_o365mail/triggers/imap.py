@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,20 +18,16 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS, IdleTarget, IdleUnsupported, wait_for_new_mail
+from airflow_provider_o365mail.mail.imap_idle import (
+    MAX_IDLE_SECONDS,
+    PERMANENT_ERRORS,
+    MailWaiter,
+    reconnect_delay,
+)
 from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
 from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
 
 log = logging.getLogger(__name__)
-
-# Errors a person must fix: report once and stop instead of reconnecting forever.
-PERMANENT_ERRORS = (
-    exceptions.AuthorizationError,
-    exceptions.ConnectionConfigError,
-    exceptions.MailAuthenticationError,
-    exceptions.TokenStoreError,
-)
-MAX_BACKOFF_SECONDS = 300.0
 
 
 def error_event(err: BaseException) -> TriggerEvent:
@@ -45,59 +40,6 @@ def raise_from_event(event: dict[str, Any]) -> None:
     if not (isinstance(cls, type) and issubclass(cls, exceptions.O365MailError)):
         cls = exceptions.MailServerError
     raise cls(str(event.get("message") or "The IMAP trigger failed."))
-
-
-class MailWaiter:
-    """Waits for a change in the watched folders: IDLE per folder, or polling."""
-
-    def __init__(self, hook: O365MailHook, spec: WatchSpec, mailbox: str | None, poll_interval: float, max_idle: float):
-        self.hook = hook
-        self.spec = spec
-        self.mailbox = mailbox
-        self.poll_interval = poll_interval
-        self.max_idle = max_idle
-        self.idle_supported: bool | None = None
-
-    async def wait(self, last: CheckResult) -> str:
-        if self.idle_supported is False:
-            await asyncio.sleep(self.poll_interval)
-            return "poll"
-        token = await asyncio.to_thread(self.hook.access_token)
-        settings = self.hook.settings
-        waits = [
-            asyncio.ensure_future(
-                wait_for_new_mail(
-                    IdleTarget(
-                        settings.imap_host,
-                        settings.imap_port,
-                        self.mailbox or settings.mailbox,
-                        folder,
-                        float(settings.timeout),
-                    ),
-                    token.token,
-                    token.expires_on,
-                    self.hook.ssl_context,
-                    last.scanned.get(folder, {}).get("uidnext"),
-                    self.max_idle,
-                )
-            )
-            for folder in self.spec.folders
-        ]
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in waits:
-                pending.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-        outcome = next(iter(done))
-        try:
-            reason = outcome.result()
-        except IdleUnsupported:
-            log.info("%s offers no IDLE: polling every %.0f s.", settings.imap_host, self.poll_interval)
-            self.idle_supported = False
-            return await self.wait(last)
-        self.idle_supported = True
-        return reason
 
 
 class O365ImapTrigger(BaseTrigger):
@@ -169,7 +111,7 @@ class O365ImapTrigger(BaseTrigger):
                 return
             except Exception as err:  # network, 5xx, dropped sessions: transient
                 failures += 1
-                delay = min(MAX_BACKOFF_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+                delay = reconnect_delay(failures)
                 log.warning(
                     "Watching %s failed (%s: %s); reconnecting in %.0f s (attempt %d).",
                     self.conn_id,

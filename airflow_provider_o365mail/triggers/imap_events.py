@@ -158,9 +158,6 @@ class ImapStreamProducer(SharedStreamProducer):
             for accessor in _accessors(store):
                 await accessor.aset(POSITION_KEY, position.to_dict())
 
-    def get_advance_lane(self, broker_payload: Any) -> Hashable:
-        return None
-
     async def advance(self, batch: Sequence[AdvanceItem]) -> None:
         group = _group(self.key)
         clean = []

@@ -37,6 +37,26 @@ def json_output(text: str):
     return json.loads("\n".join(lines[start : end + 1]))
 
 
+def start_authorize(conn_id: str, *flags: str) -> tuple[subprocess.Popen, str | None]:
+    """Start ``airflow o365mail authorize`` and read up to its sign-in link (and the paste prompt)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "airflow", "o365mail", "authorize", "--conn-id", conn_id, *flags],
+        stdin=subprocess.PIPE if "--paste" in flags else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    link = None
+    for line in process.stdout:
+        if line.startswith("https://") and "/oauth2/v2.0/authorize?" in line:
+            link = line.strip()
+            if "--paste" not in flags:
+                break
+        if "press Enter" in line:
+            break
+    return process, link
+
+
 def stored_connection_extra(conn_id: str) -> dict:
     from airflow.models.connection import Connection
     from airflow.utils.session import create_session
@@ -50,19 +70,7 @@ def test_authorize_paste_mode_scripted(unauthorized_db_conn, o365_sandbox):
     conn_id = unauthorized_db_conn
     with pytest.raises(Exception, match="never been authorized"):
         O365MailHook(conn_id).get_access_token()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "o365mail", "authorize", "--conn-id", conn_id, "--paste"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    link = None
-    for line in process.stdout:
-        if line.startswith("https://") and "/oauth2/v2.0/authorize?" in line:
-            link = line.strip()
-        if "press Enter" in line:
-            break
+    process, link = start_authorize(conn_id, "--paste")
     assert link, "the sign-in link was printed"
     query = dict(p.split("=", 1) for p in urlsplit(link).query.split("&"))
     assert query["code_challenge_method"] == "S256" and query["state"] and query["nonce"]
@@ -80,19 +88,7 @@ def test_authorize_paste_mode_scripted(unauthorized_db_conn, o365_sandbox):
 
 def test_authorize_paste_mode_shows_the_fix_when_the_user_cancels(unauthorized_db_conn, o365_sandbox):
     sbx = o365_sandbox
-    process = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "o365mail", "authorize", "--conn-id", unauthorized_db_conn, "--paste"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    link = None
-    for line in process.stdout:
-        if line.startswith("https://"):
-            link = line.strip()
-        if "press Enter" in line:
-            break
+    process, link = start_authorize(unauthorized_db_conn, "--paste")
     redirect = sbx.admin().sign_in(link, login=sbx.user, password=sbx.user_password, decision="cancel")
     output, _ = process.communicate(redirect + "\n", timeout=120)
     assert process.returncode == 1
@@ -101,17 +97,7 @@ def test_authorize_paste_mode_shows_the_fix_when_the_user_cancels(unauthorized_d
 
 def test_authorize_loopback_mode(unauthorized_db_conn, o365_sandbox):
     sbx = o365_sandbox
-    process = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "o365mail", "authorize", "--conn-id", unauthorized_db_conn, "--no-browser"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    link = None
-    for line in process.stdout:
-        if line.startswith("https://"):
-            link = line.strip()
-            break
+    process, link = start_authorize(unauthorized_db_conn, "--no-browser")
     redirect = sbx.admin().sign_in(link, login=sbx.user, password=sbx.user_password)
     assert re.match(r"http://localhost:\d+/o365mail/callback\?code=", redirect)
     session = requests.Session()
