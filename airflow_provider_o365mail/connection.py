@@ -6,67 +6,61 @@ all read connections through :func:`settings_from_connection`.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from airflow_provider_o365mail.connection_defaults import (
+    CLOUDS,
+    CONN_TYPE,
+    CREDENTIAL_CERTIFICATE,
+    CREDENTIAL_FEDERATED,
+    CREDENTIAL_PUBLIC,
+    CREDENTIAL_SECRET,
+    CREDENTIAL_TYPES,
+    DEFAULT_CLOUD,
+    DEFAULT_CONN_ID,
+    DEFAULT_IMAP_PORT,
+    DEFAULT_SMTP_PORT,
+    DEFAULT_TIMEOUT_SECONDS,
+    ENV_CLIENT_ID,
+    ENV_FEDERATED_TOKEN_FILE,
+    ENV_TENANT_ID,
+    GRANT_AUTHORIZATION_CODE,
+    GRANT_CLIENT_CREDENTIALS,
+    GRANT_TYPES,
+    HOOK_NAME,
+    MICROSOFT_LOGIN_HOSTS,
+    RESERVED_SCOPES,
+    CloudPreset,
+    default_scopes,
+)
 from airflow_provider_o365mail.exceptions import ConnectionConfigError
+from airflow_provider_o365mail.tls import HttpProxy, parse_proxy
+
+__all__ = [
+    "CLOUDS",
+    "CONN_TYPE",
+    "DEFAULT_CONN_ID",
+    "GRANT_AUTHORIZATION_CODE",
+    "GRANT_CLIENT_CREDENTIALS",
+    "GRANT_TYPES",
+    "HOOK_NAME",
+    "CloudPreset",
+    "O365MailSettings",
+    "default_scopes",
+    "normalise_authority",
+    "parse_scopes",
+    "settings_from_connection",
+    "settings_from_fields",
+]
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
-
-CONN_TYPE = "o365mail"
-DEFAULT_CONN_ID = "o365mail_default"
-GRANT_AUTHORIZATION_CODE = "authorization_code"
-GRANT_CLIENT_CREDENTIALS = "client_credentials"
-GRANT_TYPES = (GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS)
-#: MSAL adds these itself and raises ValueError when they are passed in.
-RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
-
-
-@dataclass(frozen=True)
-class CloudPreset:
-    login_host: str
-    imap_host: str
-    smtp_host: str
-    resource: str
-    app_only_resource: str
-
-
-CLOUDS: dict[str, CloudPreset] = {
-    "global": CloudPreset(
-        "login.microsoftonline.com",
-        "outlook.office365.com",
-        "smtp.office365.com",
-        "https://outlook.office.com",
-        "https://outlook.office365.com",
-    ),
-    "usgov": CloudPreset(
-        "login.microsoftonline.us",
-        "outlook.office365.us",
-        "smtp.office365.us",
-        "https://outlook.office365.us",
-        "https://outlook.office365.us",
-    ),
-    "china": CloudPreset(
-        "login.partner.microsoftonline.cn",
-        "partner.outlook.cn",
-        "partner.outlook.cn",
-        "https://partner.outlook.cn",
-        "https://partner.outlook.cn",
-    ),
-}
-MICROSOFT_LOGIN_HOSTS = frozenset(
-    {p.login_host for p in CLOUDS.values()} | {"login.windows.net", "login.microsoft.com", "sts.windows.net"}
-)
-
-
-def default_scopes(cloud: str, grant_type: str) -> tuple[str, ...]:
-    preset = CLOUDS[cloud]
-    if grant_type == GRANT_CLIENT_CREDENTIALS:
-        return (f"{preset.app_only_resource}/.default",)
-    return (f"{preset.resource}/IMAP.AccessAsUser.All", f"{preset.resource}/SMTP.Send")
 
 
 @dataclass(frozen=True)
@@ -86,9 +80,32 @@ class O365MailSettings:
     imap_port: int
     smtp_host: str
     smtp_port: int
-    cloud: str = "global"
+    cloud: str = DEFAULT_CLOUD
     ca_bundle: str | None = None
-    timeout: float = 30.0
+    timeout: float = float(DEFAULT_TIMEOUT_SECONDS)
+    #: The client secret's expiry date as recorded in the connection (``doctor`` warns ahead of it).
+    credential_expires_on: dt.date | None = None
+    #: ``client_secret``, ``certificate``, ``federated`` or ``public_client`` (:data:`CREDENTIAL_TYPES`).
+    credential_type: str = CREDENTIAL_SECRET
+    #: Certificate credential: PEM values inline, or paths to PEM files (read on every token request).
+    certificate_key: str | None = field(default=None, repr=False)
+    certificate_key_path: str | None = None
+    certificate: str | None = field(default=None, repr=False)
+    certificate_path: str | None = None
+    certificate_passphrase: str | None = field(default=None, repr=False)
+    #: Send the SHA-1 thumbprint (``x5t``, RS256) instead of ``x5t#S256`` (PS256), for authorities that need it.
+    certificate_sha1: bool = False
+    #: Workload identity federation: the file holding the federated token (read on every token request).
+    federated_assertion_file: str | None = None
+
+    #: ``http://[user:password@]host:port``: token requests, IMAP and SMTP go through this CONNECT
+    #: proxy. Without it token requests follow ``HTTPS_PROXY``/``NO_PROXY`` and mail goes direct.
+    proxy: str | None = field(default=None, repr=False)
+
+    @property
+    def http_proxy(self) -> HttpProxy | None:
+        """The connection's proxy, parsed (validated when the settings were built)."""
+        return parse_proxy(self.proxy, where=f"connection {self.conn_id!r}: proxy") if self.proxy else None
 
     @property
     def is_microsoft_authority(self) -> bool:
@@ -97,6 +114,11 @@ class O365MailSettings:
     @property
     def delegated(self) -> bool:
         return self.grant_type == GRANT_AUTHORIZATION_CODE
+
+    @property
+    def public_client(self) -> bool:
+        """No credential: MSAL's public client (device code consent, refreshes without a secret)."""
+        return self.credential_type == CREDENTIAL_PUBLIC
 
 
 def normalise_authority(value: str) -> tuple[str, str]:
@@ -158,6 +180,50 @@ def _number(extra: dict[str, Any], key: str, default: float) -> float:
         raise ConnectionConfigError(f"extra {key!r} must be a number of seconds, got {value!r}") from None
 
 
+def _date(extra: dict[str, Any], key: str) -> dt.date | None:
+    value = _text(extra, key)
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        raise ConnectionConfigError(f"extra {key!r} must be a date (YYYY-MM-DD), got {value!r}") from None
+
+
+def _flag(extra: dict[str, Any], key: str) -> bool:
+    value = _text(extra, key)
+    if value is None:
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConnectionConfigError(f"extra {key!r} must be true or false, got {value!r}")
+
+
+def _credential_type(extra: dict[str, Any], secret: str, env: Mapping[str, str], where: str) -> str:
+    """The explicit ``credential_type``, or the one the fields imply (secret before the environment)."""
+    explicit = _text(extra, "credential_type")
+    if explicit:
+        value = explicit.lower()
+        if value not in CREDENTIAL_TYPES:
+            raise ConnectionConfigError(
+                f"{where}: credential_type must be one of {', '.join(CREDENTIAL_TYPES)}, got {explicit!r}."
+            )
+        return value
+    if any(
+        _text(extra, k) for k in ("certificate", "certificate_path", "certificate_private_key", "certificate_key_path")
+    ):
+        return CREDENTIAL_CERTIFICATE
+    if _text(extra, "federated_assertion_file"):
+        return CREDENTIAL_FEDERATED
+    if secret:
+        return CREDENTIAL_SECRET
+    if env.get(ENV_FEDERATED_TOKEN_FILE):
+        return CREDENTIAL_FEDERATED
+    return CREDENTIAL_SECRET
+
+
 def parse_scopes(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -166,27 +232,73 @@ def parse_scopes(value: str | list[str] | None) -> tuple[str, ...]:
 
 
 def settings_from_fields(
-    conn_id: str, login: str | None, password: str | None, extra: dict[str, Any]
+    conn_id: str,
+    login: str | None,
+    password: str | None,
+    extra: dict[str, Any],
+    environ: Mapping[str, str] | None = None,
 ) -> O365MailSettings:
-    """Validate connection fields; every error names the field and the fix."""
+    """Validate connection fields; every error names the field and the fix.
+
+    A federated connection may take its Client ID, tenant and token file from the variables AKS
+    workload identity sets (``AZURE_CLIENT_ID``, ``AZURE_TENANT_ID``, ``AZURE_FEDERATED_TOKEN_FILE``;
+    read from ``environ``, default ``os.environ``); the connection's own fields win.
+    """
     where = f"connection {conn_id!r}"
-    client_id = (login or _text(extra, "client_id") or "").strip()
+    env = os.environ if environ is None else environ
+    client_secret = password or _text(extra, "client_secret") or ""
+    credential_type = _credential_type(extra, client_secret, env, where)
+    federated = credential_type == CREDENTIAL_FEDERATED
+    client_id = (login or _text(extra, "client_id") or (env.get(ENV_CLIENT_ID, "") if federated else "")).strip()
     if not client_id:
         raise ConnectionConfigError(
-            f"{where}: Client ID (login) is empty. Copy the Application (client) ID from Entra ID."
+            f"{where}: Client ID (login) is empty. Copy the Application (client) ID from Entra ID"
+            + (f" (or set {ENV_CLIENT_ID})." if federated else ".")
         )
-    client_secret = password or _text(extra, "client_secret") or ""
-    if not client_secret:
+    federated_assertion_file = _text(extra, "federated_assertion_file") or (env.get(ENV_FEDERATED_TOKEN_FILE) or None)
+    if credential_type == CREDENTIAL_SECRET and not client_secret:
         raise ConnectionConfigError(
-            f"{where}: Client secret (password) is empty. Create one in the app's Certificates & secrets and paste its Value."
+            f"{where}: Client secret (password) is empty. Create one in the app's Certificates & secrets and paste "
+            "its Value, or use a certificate (certificate_path / certificate) or a federated token "
+            "(federated_assertion_file) instead; or set credential_type public_client for an app that allows public "
+            "client flows (consent with airflow o365mail authorize --device-code)."
         )
-    cloud = (_text(extra, "cloud") or "global").lower()
+    if credential_type == CREDENTIAL_CERTIFICATE:
+        if not (_text(extra, "certificate") or _text(extra, "certificate_path")):
+            raise ConnectionConfigError(
+                f"{where}: the certificate credential needs the certificate (PEM): set certificate_path to its file "
+                "or certificate to its PEM text. The private key may sit in the same PEM or in "
+                "certificate_key_path / certificate_private_key."
+            )
+        if client_secret:
+            raise ConnectionConfigError(
+                f"{where}: credential_type is certificate but the connection also has a client secret (password). "
+                "Remove one: a connection uses one credential."
+            )
+    if credential_type == CREDENTIAL_PUBLIC and client_secret:
+        raise ConnectionConfigError(
+            f"{where}: credential_type is public_client but the connection also has a client secret (password). "
+            "Remove the secret (a public client sends none; Entra refuses one with AADSTS700025), or use "
+            "credential_type client_secret."
+        )
+    if federated:
+        if not federated_assertion_file:
+            raise ConnectionConfigError(
+                f"{where}: the federated credential needs the token file: set federated_assertion_file, or run where "
+                f"{ENV_FEDERATED_TOKEN_FILE} is set (AKS workload identity)."
+            )
+        if client_secret:
+            raise ConnectionConfigError(
+                f"{where}: credential_type is federated but the connection also has a client secret (password). "
+                "Remove the secret: a federated connection stores none."
+            )
+    cloud = (_text(extra, "cloud") or DEFAULT_CLOUD).lower()
     if cloud not in CLOUDS:
         raise ConnectionConfigError(f"{where}: cloud must be one of {', '.join(CLOUDS)}, got {cloud!r}.")
     grant_type = (_text(extra, "grant_type") or GRANT_AUTHORIZATION_CODE).lower()
     if grant_type not in GRANT_TYPES:
         raise ConnectionConfigError(f"{where}: grant_type must be one of {', '.join(GRANT_TYPES)}, got {grant_type!r}.")
-    tenant_id = _text(extra, "tenant_id")
+    tenant_id = _text(extra, "tenant_id") or (env.get(ENV_TENANT_ID) or None if federated else None)
     authority_value = _text(extra, "authority")
     if authority_value:
         authority, tenant_in_url = normalise_authority(authority_value)
@@ -201,6 +313,11 @@ def settings_from_fields(
     else:
         raise ConnectionConfigError(
             f"{where}: set tenant_id (Directory (tenant) ID) or authority (the V2 token endpoint URL)."
+        )
+    if grant_type == GRANT_CLIENT_CREDENTIALS and credential_type == CREDENTIAL_PUBLIC:
+        raise ConnectionConfigError(
+            f"{where}: client credentials (app-only) need a confidential client: a client secret, a certificate or "
+            "a federated token. A public client can only act for a signed-in user (grant_type authorization_code)."
         )
     if grant_type == GRANT_CLIENT_CREDENTIALS and tenant_id.lower() in ("common", "organizations", "consumers"):
         raise ConnectionConfigError(
@@ -218,6 +335,9 @@ def settings_from_fields(
             f"{where}: client credentials need a '/.default' scope, e.g. {default_scopes(cloud, grant_type)[0]}."
         )
     preset = CLOUDS[cloud]
+    proxy = _text(extra, "proxy")
+    if proxy:
+        parse_proxy(proxy, where=f"{where}: proxy")
     return O365MailSettings(
         conn_id=conn_id,
         client_id=client_id,
@@ -229,37 +349,25 @@ def settings_from_fields(
         refresh_token=_text(extra, "refresh_token"),
         scopes=scopes,
         imap_host=_text(extra, "imap_host") or preset.imap_host,
-        imap_port=_integer(extra, "imap_port", 993),
+        imap_port=_integer(extra, "imap_port", DEFAULT_IMAP_PORT),
         smtp_host=_text(extra, "smtp_host") or preset.smtp_host,
-        smtp_port=_integer(extra, "smtp_port", 587),
+        smtp_port=_integer(extra, "smtp_port", DEFAULT_SMTP_PORT),
         cloud=cloud,
         ca_bundle=_text(extra, "ca_bundle"),
-        timeout=_number(extra, "timeout", 30.0),
+        timeout=_number(extra, "timeout", float(DEFAULT_TIMEOUT_SECONDS)),
+        credential_expires_on=_date(extra, "credential_expires_on"),
+        credential_type=credential_type,
+        certificate_key=_text(extra, "certificate_private_key"),
+        certificate_key_path=_text(extra, "certificate_key_path"),
+        certificate=_text(extra, "certificate"),
+        certificate_path=_text(extra, "certificate_path"),
+        certificate_passphrase=_text(extra, "certificate_passphrase"),
+        certificate_sha1=_flag(extra, "certificate_sha1"),
+        federated_assertion_file=federated_assertion_file if federated else None,
+        proxy=proxy,
     )
 
 
 def settings_from_connection(conn: Connection) -> O365MailSettings:
     extra = conn.extra_dejson if isinstance(conn.extra_dejson, dict) else json.loads(conn.extra or "{}")
     return settings_from_fields(conn.conn_id, conn.login, conn.password, extra)
-
-
-def load_connection(conn_id: str) -> Connection:
-    """The connection from wherever Airflow keeps it, in every process.
-
-    Inside a task or the triggerer the Task SDK asks the supervisor (the ORM is blocked there).
-    Elsewhere (CLI, api-server plugin, plain Python) the SDK would only see environment variables
-    and secrets backends, so the core model is used: it also reads the metadata DB.
-    """
-    from airflow_provider_o365mail.auth.store import _in_task_runtime
-
-    if _in_task_runtime():
-        from airflow.sdk import BaseHook
-
-        return BaseHook.get_connection(conn_id)
-    try:
-        from airflow.models.connection import Connection as CoreConnection
-    except ImportError:  # a worker image without airflow-core
-        from airflow.sdk import BaseHook
-
-        return BaseHook.get_connection(conn_id)
-    return CoreConnection.get_connection_from_secrets(conn_id)

@@ -4,12 +4,19 @@
 
     O365MailError (AirflowException)
      +-- ConnectionConfigError          the connection's fields are wrong (fix the connection)
+     |    +-- CriteriaError             a sensor's or trigger's mail criteria are invalid
      +-- TokenStoreError                the encrypted token store cannot be read or written
      +-- IdentityProviderUnavailable    network, 5xx, 429 after bounded retries (Airflow may retry)
+     +-- ProxyRefused (AirflowFailException)  the HTTP proxy answered CONNECT with 403/407/...: no retries
      +-- MailServerError                IMAP/SMTP refused something (transient or not, see subclasses)
-     |    +-- MailAuthenticationError   the server refused the access token
+     |    +-- MailAuthenticationError   the server refused the access token (permanent)
+     |    +-- MailServerUnavailable     connection limit, BYE, not connected, timeout, reset (transient)
+     |    |    +-- ProxyUnavailable     the HTTP proxy in front of IMAP/SMTP cannot be reached (transient)
      |    +-- TlsRequiredError          the server offered no TLS; nothing secret was sent
      |    +-- MessageRejectedError      5xx for the sender or the message (no retries)
+     |    |    +-- SendingBlockedError  Exchange blocks or throttles the mailbox (5.2.0 quota, 5.2.251-255)
+     |    +-- DeliveryUnknownError      connection lost after the content; Sent Items could not tell (transient)
+     |    +-- RecipientBudgetExceeded   the batch would cross [o365mail] daily_recipient_budget (no retries)
      |    +-- RecipientsRefusedError    some recipients were refused permanently (others got the mail; no retries)
      +-- MessageCompositionError (ValueError; no retries)  bad address, header injection, unreadable file
      |    +-- MessageTooLargeError      larger than the server's SIZE limit
@@ -28,7 +35,7 @@ Every message says what failed, why, and what to do; none carries a token or a s
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow_provider_o365mail.version_compat import AirflowException, AirflowFailException
 
 
 class O365MailError(AirflowException):
@@ -39,6 +46,10 @@ class ConnectionConfigError(O365MailError, ValueError):
     """The ``o365mail`` connection is incomplete or inconsistent."""
 
 
+class CriteriaError(ConnectionConfigError):
+    """Mail criteria (sensor, trigger) that cannot be turned into a safe IMAP SEARCH."""
+
+
 class TokenStoreError(O365MailError):
     """The encrypted token store cannot be used."""
 
@@ -47,12 +58,34 @@ class IdentityProviderUnavailable(O365MailError):
     """The identity provider could not be reached or kept failing (transient)."""
 
 
+class ProxyRefused(O365MailError, AirflowFailException):
+    """The HTTP proxy refused to open a tunnel (403 policy, 407 credentials): fix the proxy or its rules.
+
+    Not a ``ValueError``: MSAL turns those into "no OpenID configuration" while discovering.
+    """
+
+    def __init__(self, message: str, *, proxy: str, status: int) -> None:
+        super().__init__(message)
+        #: the proxy as ``http://host:port`` (never with credentials) and the status it answered
+        self.proxy = proxy
+        self.status = status
+
+
 class MailServerError(O365MailError):
     """An IMAP or SMTP server refused a command."""
 
 
 class MailAuthenticationError(MailServerError):
     """The mail server refused the XOAUTH2 login."""
+
+
+class MailServerUnavailable(MailServerError):
+    """The mail server refused for now or dropped the connection (connection limits, ``BYE``, timeouts,
+    resets): retried with backoff, never reported as a token problem."""
+
+
+class ProxyUnavailable(MailServerUnavailable):
+    """The HTTP proxy could not be reached, or closed the connection before the tunnel was open."""
 
 
 class TlsRequiredError(MailServerError):
@@ -123,6 +156,24 @@ class MessageTooLargeError(MessageCompositionError):
 
 class MessageRejectedError(MailServerError, AirflowFailException):
     """The SMTP server refused the sender or the message with a permanent (5xx) reply."""
+
+
+class SendingBlockedError(MessageRejectedError):
+    """Exchange refuses every message of this mailbox for a while (sending quota, continuous error throttling).
+
+    Retrying prolongs the throttling, so the batch stops and the task fails without retries.
+    """
+
+
+class DeliveryUnknownError(MailServerUnavailable):
+    """The connection was lost after the message content was sent, and Sent Items could not be checked.
+
+    Transient: the task's retry checks Sent Items again before sending the message again.
+    """
+
+
+class RecipientBudgetExceeded(MailServerError, AirflowFailException):
+    """Sending the batch would cross the mailbox's daily recipient budget; nothing was sent."""
 
 
 class RecipientsRefusedError(MailServerError, AirflowFailException):

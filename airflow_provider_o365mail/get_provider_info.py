@@ -1,90 +1,27 @@
 """Provider metadata read by Airflow through the ``apache_airflow_provider`` entry point.
 
-Airflow >= 3.3 builds the connection form only from ``conn-fields`` / ``ui-field-behaviour`` here.
-Keys whose names contain ``token`` or ``secret`` are masked by Airflow; the others stay readable.
+Airflow >= 3.2 builds the connection form from ``conn-fields`` / ``ui-field-behaviour`` here; Airflow
+3.1 calls the hook's ``get_connection_form_widgets`` / ``get_ui_field_behaviour`` instead, which build
+the same fields from the same declaration (``connection_defaults.CONN_FIELDS``).
 """
 
 from __future__ import annotations
 
 from airflow_provider_o365mail import __version__
+from airflow_provider_o365mail.connection_defaults import CONN_FIELDS, CONN_TYPE, HOOK_NAME, UI_FIELD_BEHAVIOUR
 
-
-def _text(label: str, description: str, default: str | None = None, **schema: object) -> dict:
-    spec: dict = {"type": ["string", "null"], **schema}
-    if default is not None:
-        spec["default"] = default
-    return {"label": label, "description": description, "schema": spec}
-
-
-def _integer(label: str, description: str, default: int) -> dict:
-    return {"label": label, "description": description, "schema": {"type": ["integer", "null"], "default": default}}
-
-
-CONN_FIELDS = {
-    "tenant_id": _text("Tenant ID", "Directory (tenant) ID from the app registration's Overview page."),
-    "authority": _text(
-        "Authority or V2 endpoint URL",
-        "Optional. The OAuth 2.0 token (v2) or authorization (v2) endpoint from the Endpoints page, or "
-        "https://<login host>/<tenant>. Empty: derived from Cloud and Tenant ID. V1 endpoints are refused.",
-        format="url",
-    ),
-    "grant_type": _text(
-        "Grant type",
-        "authorization_code: a user consents once (delegated). client_credentials: app-only.",
-        default="authorization_code",
-        enum=["authorization_code", "client_credentials"],
-    ),
-    "mailbox": _text("Mailbox", "Address to sign in to IMAP/SMTP as, and default sender.", format="email"),
-    "refresh_token": _text(
-        "Refresh token",
-        "Filled in by the Authorize flow (UI or 'airflow o365mail authorize'). The newest one lives in the "
-        "encrypted token store.",
-        format="password",
-    ),
-    "scopes": _text(
-        "Scopes",
-        "Space-separated. Default: https://outlook.office.com/IMAP.AccessAsUser.All "
-        "https://outlook.office.com/SMTP.Send (app-only: https://outlook.office365.com/.default).",
-    ),
-    "imap_host": _text("IMAP host", "Default: outlook.office365.com (per cloud)."),
-    "imap_port": _integer("IMAP port", "Implicit TLS.", 993),
-    "smtp_host": _text("SMTP host", "Default: smtp.office365.com (per cloud)."),
-    "smtp_port": _integer("SMTP port", "STARTTLS submission.", 587),
-    "cloud": _text(
-        "Cloud",
-        "global, usgov (GCC High) or china: sets login, IMAP and SMTP hosts and scopes.",
-        default="global",
-        enum=["global", "usgov", "china"],
-    ),
-    "ca_bundle": _text(
-        "Extra CA bundle", "Path to extra trusted CA certificates (PEM), e.g. for a TLS-inspecting proxy."
-    ),
-    "timeout": _integer("Timeout (s)", "Network timeout for the identity provider, IMAP and SMTP.", 30),
-    "credential_expires_on": _text(
-        "Client secret expires on",
-        "Optional. The secret's expiry date from Entra ID (YYYY-MM-DD): 'airflow o365mail doctor' warns 30 days ahead.",
-        format="date",
-    ),
-}
-
-UI_FIELD_BEHAVIOUR = {
-    "hidden-fields": ["host", "schema", "port"],
-    "relabeling": {"login": "Client ID", "password": "Client secret"},
-    "placeholders": {
-        "login": "Application (client) ID",
-        "password": "Client secret Value (not its ID)",
-        "tenant_id": "00000000-0000-0000-0000-000000000000",
-        "mailbox": "reports@contoso.com",
-    },
-}
+#: Also pyproject's Project-URL "Documentation", which Airflow >= 3.3 reads instead of this key;
+#: older versions read only this one (the providers REST API and ``airflow providers get``).
+DOCUMENTATION_URL = "https://o365mail.github.io/airflow-provider-o365mail/"
 
 
 def get_provider_info() -> dict:
     return {
         "package-name": "airflow-provider-o365mail",
-        "name": "Microsoft 365 Mail (OAuth2)",
+        "name": HOOK_NAME,
         "description": "Send and receive Microsoft 365 (Exchange Online) mail over SMTP and IMAP with OAuth2 (XOAUTH2).",
         "versions": [__version__],
+        "documentation-url": DOCUMENTATION_URL,
         "integrations": [
             {
                 "integration-name": "Microsoft 365 Mail",
@@ -122,16 +59,16 @@ def get_provider_info() -> dict:
         "email-backends": ["airflow_provider_o365mail.utils.email.send_email"],
         "connection-types": [
             {
-                "connection-type": "o365mail",
+                "connection-type": CONN_TYPE,
                 "hook-class-name": "airflow_provider_o365mail.hooks.o365mail.O365MailHook",
-                "hook-name": "Microsoft 365 Mail (OAuth2)",
+                "hook-name": HOOK_NAME,
                 "conn-fields": CONN_FIELDS,
                 "ui-field-behaviour": UI_FIELD_BEHAVIOUR,
             }
         ],
         "config": {
             "o365mail": {
-                "description": "airflow-provider-o365mail: token store encryption.",
+                "description": "airflow-provider-o365mail: token store encryption, the refresh lease, connection budgets and sending limits per mailbox.",
                 "options": {
                     "token_cache_keys": {
                         "description": "Comma-separated Fernet keys for the encrypted token store; the first encrypts, "
@@ -142,7 +79,54 @@ def get_provider_info() -> dict:
                         "example": "<Fernet key>",
                         "default": "",
                         "sensitive": True,
-                    }
+                    },
+                    "refresh_lease_seconds": {
+                        "description": "How long a claim of the cross-host refresh lease is valid; the holder "
+                        "renews it every quarter of that while it refreshes. Raised to at least twice the "
+                        "connection's timeout plus four settle times. See docs/token-store.md.",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "60",
+                        "default": "60",
+                    },
+                    "refresh_lease_settle_seconds": {
+                        "description": "Wait after writing a lease claim before reading it back. Must exceed the "
+                        "time a Variable write takes to become visible (API server and database latency).",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "1",
+                        "default": "1",
+                    },
+                    "max_imap_connections_per_mailbox": {
+                        "description": "IMAP connections per mailbox (and connection id) that one process (a "
+                        "triggerer, a worker's task) uses for checks, logged in and reused. Each deferrable sensor's "
+                        "folder also shares one IDLE connection per process. Exchange Online allows about 20 per "
+                        "mailbox in total: triggerers x (this + watched folders) + poking tasks must stay below it.",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "4",
+                        "default": "4",
+                    },
+                    "max_smtp_sessions_per_mailbox": {
+                        "description": "Concurrent SMTP sessions per mailbox (and connection id) in one process. "
+                        "Exchange Online allows 3 per mailbox across all processes and answers more with 432 4.3.2 "
+                        "(retried); across workers use an Airflow pool (docs/sending.md).",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "3",
+                        "default": "3",
+                    },
+                    "daily_recipient_budget": {
+                        "description": "Recipients (To + Cc + Bcc of every message) one mailbox may send to through "
+                        "this provider per rolling 24 hours. Exchange Online blocks a mailbox for up to a day past "
+                        "10,000; a batch that would cross this budget fails before sending anything. 0 turns the "
+                        "count off. Counted in a Variable per mailbox, locked across hosts (a host file lock, then a lease "
+                        "in a Variable).",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "5000",
+                        "default": "9500",
+                    },
                 },
             }
         },

@@ -1,9 +1,10 @@
 """Mail-triggered scheduling, measured in one run against a real Airflow and the sandbox.
 
-1. Delivery-to-asset-event latency (median, p95) of the shared IDLE stream, vs checking every 5 s
-   (what a polling sensor with ``poke_interval=5`` does).
+1. Delivery-to-asset-event latency of the shared IDLE stream vs checking every 5 s (what a polling
+   sensor with ``poke_interval=5`` does): ``--samples`` deliveries each after a warm-up, the two
+   methods interleaved in a shuffled order (bench/common.py); medians with min and max.
 2. IMAP connections held by 1, 10 and 100 watchers on one mailbox folder (Dovecot's own count).
-3. Messages per second the stream turns into stored asset events in a burst of 1,000.
+3. Messages per second the stream turns into stored asset events in one burst of 1,000.
 
 Starts its own api-server, triggerer, scheduler and dag-processor in a throw-away AIRFLOW_HOME:
 
@@ -14,17 +15,25 @@ Starts its own api-server, triggerer, scheduler and dag-processor in a throw-awa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
-import statistics
 import textwrap
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from common import BENCH_CONN_ID, bench_environment
+from common import (
+    BENCH_CONN_ID,
+    Stats,
+    bench_environment,
+    print_header,
+    print_ratios,
+    print_stats_table,
+    run_interleaved,
+)
 
 from airflow_provider_o365mail.testing.airflow_services import wait_until
 
@@ -43,8 +52,8 @@ def event_times(asset_name: str) -> list[tuple[str, float]]:
         return [((row.extra or {}).get("payload", {}).get("subject", ""), row.timestamp.timestamp()) for row in rows]
 
 
-def fire_times(services, prefix: str, count: int) -> list[float]:
-    """When the triggerer fired the events for ``prefix 0..count-1`` (its log lines)."""
+def fire_times(services, prefix: str) -> dict[int, float]:
+    """When the triggerer fired the events for ``prefix <n>``, by n (its log lines)."""
     import datetime as dt
     import re
 
@@ -54,7 +63,7 @@ def fire_times(services, prefix: str, count: int) -> list[float]:
         match = pattern.search(line)
         if match and int(match.group(2)) not in times:
             times[int(match.group(2))] = dt.datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp()
-    return [times[i] for i in range(count)]
+    return times
 
 
 def running_watchers() -> int:
@@ -94,10 +103,11 @@ def watcher_dag(dag_id: str, conn_id: str, watchers: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--env-file", default=".sandbox.env")
-    parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--samples", type=int, default=15, help="deliveries per waiting method (after a warm-up)")
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--watchers", default="1,10,100")
     args = parser.parse_args()
+    print_header("Mail-triggered scheduling (bench/imap_events.py)")
 
     sbx = bench_environment(args.env_file)
     home = Path(os.environ["AIRFLOW_HOME"])
@@ -140,26 +150,29 @@ def main() -> None:
             watcher_dag("bench_latency", BENCH_CONN_ID, {f"lat_{tag}": f"Lat {tag}"})
         )
         wait_until(started, 180, "the latency watcher's stream")
-        latencies = []
-        sent_times = []
-        for i in range(args.samples):
-            subject = f"Lat {tag} {i}"
+        numbers = itertools.count()
+        sent_at: dict[int, float] = {}
+
+        def idle_sample() -> float:
+            """Send one message to the watched subject; seconds until its asset event is stored."""
+            number = next(numbers)
+            subject = f"Lat {tag} {number}"
             hook.send_email(to=sbx.user, subject=subject, text_content="x")
-            sent = time.time()
-            sent_times.append(sent)
+            sent_at[number] = sent = time.time()
             stored = wait_until(
                 lambda s=subject: [t for subj, t in event_times(f"lat_{tag}") if subj == s], 30, "the event"
             )
-            latencies.append(stored[0] - sent)
-            time.sleep(random.uniform(0.2, 0.8))
-        polling = []
-        for i in range(args.samples):
-            subject = f"Poll {tag} {i}"
+            time.sleep(random.uniform(0.2, 0.8))  # do not send in lock-step with the stream's cycle
+            return stored[0] - sent
+
+        def poll_sample() -> float:
+            """A 5 s polling sensor; the mail arrives at a random point of the interval."""
+            subject = f"Poll {tag} {uuid.uuid4().hex[:6]}"
             sensor = O365ImapSensor(task_id="p", conn_id=BENCH_CONN_ID, subject=subject)
-            sent_at: list[float] = []
+            sent: list[float] = []
             timer = threading.Timer(
                 random.uniform(0, 5.0),
-                lambda s=subject, out=sent_at: (
+                lambda s=subject, out=sent: (
                     hook.send_email(to=sbx.user, subject=s, text_content="x"),
                     out.append(time.time()),
                 ),
@@ -168,23 +181,24 @@ def main() -> None:
             while not sensor.poke({}):
                 time.sleep(5.0)
             timer.join()
-            polling.append(time.time() - sent_at[0])
-        fired = [
-            t - sent for t, sent in zip(fire_times(services, f"Lat {tag}", args.samples), sent_times, strict=False)
-        ]
-        idle_median = statistics.median(latencies)
-        idle_p95 = sorted(latencies)[max(0, int(len(latencies) * 0.95) - 1)]
-        print("1. delivery-to-asset-event latency")
-        print(
-            f"  shared IDLE stream, trigger fired: median {statistics.median(fired):.2f} s, "
-            f"p95 {sorted(fired)[max(0, int(len(fired) * 0.95) - 1)]:.2f} s"
+            return time.time() - sent[0]
+
+        stored_label, poll_label = "shared IDLE stream, asset event stored", "checking every 5 s (sensor pokes)"
+        samples = run_interleaved({stored_label: idle_sample, poll_label: poll_sample}, args.samples, self_timed=True)
+        # The first IDLE message was the warm-up; the triggerer's log says when each event fired.
+        fired_at = fire_times(services, f"Lat {tag}")
+        fired = [fired_at[n] - sent_at[n] for n in sorted(sent_at)[1:]]
+        fired_label = "shared IDLE stream, trigger fired"
+        latency = {fired_label: Stats.of(fired), **{name: Stats.of(times) for name, times in samples.items()}}
+        print("1. delivery-to-asset-event latency (IDLE and polling samples interleaved, after a warm-up)")
+        print_stats_table(latency, "s", digits=2)
+        print("  (asset event stored = trigger fired + Airflow's ~1 s state sync)")
+        print_ratios(
+            [
+                ("5 s polling / IDLE fired (medians)", latency[poll_label].median, latency[fired_label].median),
+                ("5 s polling / IDLE stored (medians)", latency[poll_label].median, latency[stored_label].median),
+            ]
         )
-        print(
-            f"  shared IDLE stream, asset event stored (incl. Airflow's ~1 s state sync): median {idle_median:.2f} s, "
-            f"p95 {idle_p95:.2f} s ({len(latencies)} messages)"
-        )
-        print(f"  checking every 5 s: median {statistics.median(polling):.2f} s ({len(polling)} messages)")
-        print(f"  ratio (5 s polling / IDLE fired): {statistics.median(polling) / statistics.median(fired):.1f}x")
 
         # 2. connections per watcher count: watchers are added next to the latency watcher (same folder)
         print("2. IMAP connections held by N watchers of one folder")
@@ -220,7 +234,7 @@ def main() -> None:
         dropped = time.time()
         wait_until(lambda: len(event_times(f"burst_{tag}")) >= args.burst, 600, "the burst's events", 1)
         times = sorted(t for _, t in event_times(f"burst_{tag}"))
-        print("3. burst")
+        print("3. burst (one burst, not repeated)")
         print(
             f"  {args.burst} messages dropped into the INBOX in {dropped - dropped_at:.1f} s; all {args.burst} asset "
             f"events stored {times[-1] - dropped_at:.1f} s after the first: "

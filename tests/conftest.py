@@ -36,6 +36,29 @@ def airflow_db() -> Path:
     return AIRFLOW_HOME
 
 
+@pytest.fixture(autouse=True)
+def _each_test_masks_its_own_secrets():
+    """Airflow's maskers never forget and recompile every secret on each new one; this one long
+    process creates thousands (each test its own grants, and Airflow masks every connection's
+    refresh_token extra on load), so late tests spent most of their time compiling. Each test starts
+    with empty maskers; the provider registers what it uses again (the leak check still scans all)."""
+    yield
+    from airflow_provider_o365mail.auth import masking
+
+    masking.reset_all()
+
+
+@pytest.fixture(autouse=True)
+def _each_test_leaves_no_idle_imap_sessions():
+    """Each test uses connection ids of its own, and each id has its own pool whose idle sessions
+    stay logged in for 60 s: twenty quick tests in a row held Dovecot's 20 connections of the
+    mailbox (the Exchange cap the sandbox enforces), and the next login was refused."""
+    yield
+    from airflow_provider_o365mail.mail.imap_pool import close_idle_pools
+
+    close_idle_pools()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for name, text in report.sections:
         _captured.append((f"{report.nodeid} [{name}]", text))

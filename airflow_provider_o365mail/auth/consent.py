@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 import msal
 
 from airflow_provider_o365mail.auth.errors import authorization_error
+from airflow_provider_o365mail.auth.masking import mask, mask_result
+from airflow_provider_o365mail.auth.msal_app import build_app
 from airflow_provider_o365mail.auth.store import TokenStore, fingerprint
 from airflow_provider_o365mail.connection import O365MailSettings
 from airflow_provider_o365mail.exceptions import AuthorizationError, ConnectionConfigError, InvalidRequestError
@@ -77,18 +79,15 @@ class ConsentFlow:
         self.settings = settings
         self.redirect_uri = redirect_uri
         self._cache = msal.SerializableTokenCache()
+        mask(settings.client_secret)
 
-    def _app(self) -> msal.ConfidentialClientApplication:
-        kwargs: dict[str, Any] = {}
-        if not self.settings.is_microsoft_authority:
-            kwargs["instance_discovery"] = False
-        return msal.ConfidentialClientApplication(
-            self.settings.client_id,
-            client_credential=self.settings.client_secret,
-            authority=self.settings.authority,
-            token_cache=self._cache,
-            http_client=IdentityProviderSession(self.settings.ca_bundle, self.settings.timeout),
-            **kwargs,
+    def _app(self) -> msal.ClientApplication:
+        return build_app(
+            self.settings,
+            cache=self._cache,
+            http_client=IdentityProviderSession(
+                self.settings.ca_bundle, self.settings.timeout, proxy=self.settings.http_proxy
+            ),
         )
 
     def start(self, *, login_hint: str | None = None) -> dict[str, Any]:
@@ -107,7 +106,11 @@ class ConsentFlow:
             error = str(auth_response.get("error"))
             description = str(auth_response.get("error_description") or "")
             hint = CALLBACK_ERROR_HINTS.get(error, "")
-            mapped = authorization_error({"error": error, "error_description": description}, conn_id)
+            mapped = authorization_error(
+                {"error": error, "error_description": description},
+                conn_id,
+                public_client=self.settings.public_client,
+            )
             raise type(mapped)(
                 f"Authorization for {conn_id!r} failed: {error}: {description[:300]} {hint}".strip(),
                 conn_id=conn_id,
@@ -122,24 +125,30 @@ class ConsentFlow:
                 "Start Authorize again and use the newest link only once.",
                 conn_id=conn_id,
             ) from None
+        mask_result(result)
         if "error" in result:
-            raise authorization_error(result, conn_id)
-        refresh_token = result.get("refresh_token")
-        if not refresh_token:
-            raise InvalidRequestError(
-                f"Authorization for {conn_id!r} returned no refresh token: the scopes must include offline_access "
-                "(MSAL adds it) and the app must be allowed to use it.",
-                conn_id=conn_id,
-            )
-        claims = result.get("id_token_claims") or {}
-        return ConsentResult(
+            raise authorization_error(result, conn_id, public_client=self.settings.public_client)
+        return consent_result(conn_id, result, self._cache)
+
+
+def consent_result(conn_id: str, result: dict, cache: msal.SerializableTokenCache) -> ConsentResult:
+    """A successful interactive sign-in's result (any flow): who, which scopes, the grant and the cache."""
+    refresh_token = result.get("refresh_token")
+    if not refresh_token:
+        raise InvalidRequestError(
+            f"Authorization for {conn_id!r} returned no refresh token: the scopes must include offline_access "
+            "(MSAL adds it) and the app must be allowed to use it.",
             conn_id=conn_id,
-            username=str(claims.get("preferred_username") or claims.get("upn") or claims.get("email") or "unknown"),
-            name=claims.get("name"),
-            scopes=tuple(str(result.get("scope", "")).split()),
-            refresh_token=refresh_token,
-            msal_cache=self._cache.serialize(),
         )
+    claims = result.get("id_token_claims") or {}
+    return ConsentResult(
+        conn_id=conn_id,
+        username=str(claims.get("preferred_username") or claims.get("upn") or claims.get("email") or "unknown"),
+        name=claims.get("name"),
+        scopes=tuple(str(result.get("scope", "")).split()),
+        refresh_token=refresh_token,
+        msal_cache=cache.serialize(),
+    )
 
 
 def store_consent(result: ConsentResult, *, session: Any = None) -> ConsentResult:
@@ -164,8 +173,8 @@ def store_consent(result: ConsentResult, *, session: Any = None) -> ConsentResul
         else:
             seed = _current_seed(result.conn_id)
     store = TokenStore(result.conn_id)
-    with store.refresh_lock():
-        store.save(result.msal_cache, seed)
+    with store.refresh_lock() as lease:
+        store.save(result.msal_cache, seed, fence=lease.fence or 0)
     if not updated:
         log.warning(
             "Connection %s is not in the metadata DB (environment variable or secrets backend): its refresh token "
@@ -176,7 +185,8 @@ def store_consent(result: ConsentResult, *, session: Any = None) -> ConsentResul
 
 
 def _current_seed(conn_id: str) -> str | None:
-    from airflow_provider_o365mail.connection import load_connection, settings_from_connection
+    from airflow_provider_o365mail.connection import settings_from_connection
+    from airflow_provider_o365mail.runtime import load_connection
 
     try:
         return fingerprint(settings_from_connection(load_connection(conn_id)).refresh_token)
@@ -184,4 +194,4 @@ def _current_seed(conn_id: str) -> str | None:
         return None
 
 
-__all__ = ["AuthorizationError", "ConsentFlow", "ConsentResult", "parse_redirect", "store_consent"]
+__all__ = ["AuthorizationError", "ConsentFlow", "ConsentResult", "consent_result", "parse_redirect", "store_consent"]

@@ -10,6 +10,10 @@ Keys, first one encrypts, all decrypt (rotation):
 
 The key never sits beside the ciphertext: the ciphertext lives in an Airflow Variable in the
 metadata database, the key in configuration.
+
+Rotation: a ciphertext that only an older key opens is reported as stale by :func:`decrypt_stale`,
+and :func:`reencrypt` writes it again under the newest key (``MultiFernet.rotate``); the token
+store does that on read and ``airflow o365mail rotate-keys`` for every store.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from airflow_provider_o365mail.exceptions import TokenStoreError
 HKDF_INFO = b"airflow-provider-o365mail token store v1"
 
 
+class StoreUndecryptable(TokenStoreError):
+    """No configured key opens the ciphertext (key rotated and the old one removed, or keys differ)."""
+
+
 def _derive(fernet_key: str) -> bytes:
     material = base64.urlsafe_b64decode(fernet_key.encode())
     derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO).derive(material)
@@ -32,7 +40,7 @@ def _derive(fernet_key: str) -> bytes:
 
 
 def _configured(section: str, key: str) -> str:
-    from airflow.sdk import conf
+    from airflow_provider_o365mail.version_compat import conf
 
     return (conf.get(section, key, fallback="") or "").strip()
 
@@ -42,10 +50,10 @@ def load_cipher() -> MultiFernet:
     own = [k.strip() for k in _configured("o365mail", "token_cache_keys").split(",") if k.strip()]
     try:
         if own:
-            return MultiFernet([Fernet(k) for k in own])
+            return StoreCipher([Fernet(k) for k in own])
         core = [k.strip() for k in _configured("core", "fernet_key").split(",") if k.strip()]
         if core:
-            return MultiFernet([Fernet(_derive(k)) for k in core])
+            return StoreCipher([Fernet(_derive(k)) for k in core])
     except (ValueError, TypeError) as err:
         raise TokenStoreError(
             "A token store key is not a valid Fernet key (32 url-safe base64-encoded bytes). Check "
@@ -62,12 +70,45 @@ def encrypt(cipher: MultiFernet, plaintext: bytes) -> str:
     return cipher.encrypt(plaintext).decode()
 
 
+class StoreCipher(MultiFernet):
+    """A MultiFernet that also knows its newest key (to tell a stale ciphertext)."""
+
+    def __init__(self, fernets: list[Fernet]) -> None:
+        super().__init__(fernets)
+        self.primary = fernets[0]
+        self.key_count = len(fernets)
+
+
+def decrypt_stale(cipher: MultiFernet, token: str, where: str) -> tuple[bytes, bool]:
+    """The plaintext, and whether an older key than the newest was needed (re-encrypt it)."""
+    plaintext = decrypt(cipher, token, where)
+    primary = getattr(cipher, "primary", None)
+    if primary is None:
+        return plaintext, False
+    try:
+        primary.decrypt(token.encode())
+    except InvalidToken:
+        return plaintext, True
+    return plaintext, False
+
+
+def reencrypt(cipher: MultiFernet, token: str) -> str:
+    """``token`` under the newest key (its timestamp kept); raises like :func:`decrypt`."""
+    try:
+        return cipher.rotate(token.encode()).decode()
+    except InvalidToken:
+        raise StoreUndecryptable("The token store cannot be decrypted with the configured keys.") from None
+
+
 def decrypt(cipher: MultiFernet, token: str, where: str) -> bytes:
     try:
         return cipher.decrypt(token.encode())
     except InvalidToken:
-        raise TokenStoreError(
-            f"The token store {where} cannot be decrypted with the configured keys: the key changed or "
-            "differs between Airflow components. Put the old key back (second in [o365mail] token_cache_keys "
-            "to rotate), or drop the store with 'airflow o365mail forget' and authorize the connection again."
+        raise StoreUndecryptable(
+            f"The token store {where} cannot be decrypted with the configured keys: it was written under a key "
+            "this component does not have (the key was rotated and the old one removed before "
+            "'airflow o365mail rotate-keys' ran, or components are configured with different keys). To keep the "
+            "newest refresh token, put the old key back second ([core] fernet_key = new,old, or "
+            "[o365mail] token_cache_keys) and run 'airflow o365mail rotate-keys'. Without it the connection's own "
+            "refresh token is used, or run 'airflow o365mail forget' and authorize again."
         ) from None

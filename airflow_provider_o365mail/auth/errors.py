@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from airflow_provider_o365mail import exceptions as exc
+from airflow_provider_o365mail import hints
 
-REAUTHORIZE = "Re-authorize: 'airflow o365mail authorize --conn-id {conn_id}' or the Authorize button on the Airflow UI page Microsoft 365 Mail."
+REAUTHORIZE = hints.REAUTHORIZE
 
 #: code -> (exception class, cause, fix). ``{conn_id}`` is filled in.
 AADSTS: dict[int, tuple[type[exc.AuthorizationError], str, str]] = {
@@ -35,17 +36,17 @@ AADSTS: dict[int, tuple[type[exc.AuthorizationError], str, str]] = {
     53003: (
         exc.AccessBlocked,
         "Conditional Access policies block token issuance for this user or app",
-        "Ask the Entra ID admin to allow this app in Conditional Access (sign-in logs show the policy), then re-authorize.",
+        hints.CONDITIONAL_ACCESS,
     ),
     7000215: (
         exc.ClientCredentialError,
         "the client secret is wrong (often the secret ID was pasted instead of its Value)",
-        "Create a new secret in the app's Certificates & secrets and put its Value in the connection's Client secret.",
+        hints.NEW_CLIENT_SECRET,
     ),
     7000222: (
         exc.ClientCredentialError,
         "the client secret has expired",
-        "Create a new secret in the app's Certificates & secrets and put its Value in the connection's Client secret.",
+        hints.NEW_CLIENT_SECRET,
     ),
     7000218: (exc.ClientCredentialError, "no client secret was sent", "Fill in the connection's Client secret."),
     700016: (
@@ -94,6 +95,88 @@ AADSTS: dict[int, tuple[type[exc.AuthorizationError], str, str]] = {
         "the redirect URI is not registered for the app",
         "Add the provider's Callback URL as a Web redirect URI in the app registration.",
     ),
+    700027: (
+        exc.ClientCredentialError,
+        "the client assertion failed signature validation: its certificate is not registered on the app, or the "
+        "key does not match it",
+        hints.CERTIFICATE_NOT_REGISTERED,
+    ),
+    700024: (
+        exc.ClientCredentialError,
+        "the client assertion is not within its valid time range (expired federated token, or clock skew)",
+        hints.ASSERTION_CLOCK
+        + " For a federated token file: check that the file is refreshed (AKS projects a new token hourly).",
+    ),
+    50012: (
+        exc.ClientCredentialError,
+        "the client assertion was refused (its audience is not this token endpoint, or its certificate is not trusted)",
+        "Check the connection's tenant/authority: the assertion's audience is its V2 token endpoint.",
+    ),
+    50013: (
+        exc.ClientCredentialError,
+        "the client assertion is invalid (for example replayed)",
+        "Do not reuse a client assertion; report a bug if the connection's own credential causes this.",
+    ),
+    50027: (
+        exc.ClientCredentialError,
+        "the client assertion or federated token is not a valid JWT for this app (issuer, claims or signature)",
+        hints.FEDERATED_CREDENTIAL_MISMATCH,
+    ),
+    50048: (
+        exc.ClientCredentialError,
+        "the client assertion's subject does not match its issuer",
+        "A client assertion needs iss = sub = the Client ID.",
+    ),
+    70021: (
+        exc.ClientCredentialError,
+        "no federated credential matches the token",
+        hints.FEDERATED_CREDENTIAL_MISMATCH,
+    ),
+    700211: (
+        exc.ClientCredentialError,
+        "no federated credential matches the federated token's issuer",
+        hints.FEDERATED_CREDENTIAL_MISMATCH,
+    ),
+    700212: (
+        exc.ClientCredentialError,
+        "no federated credential matches the federated token's audience",
+        hints.FEDERATED_CREDENTIAL_MISMATCH,
+    ),
+    700213: (
+        exc.ClientCredentialError,
+        "no federated credential matches the federated token's subject",
+        hints.FEDERATED_CREDENTIAL_MISMATCH,
+    ),
+}
+
+#: A public client (``credential_type`` ``public_client``) sends no credential on purpose: these
+#: codes then mean something else than for a confidential client.
+PUBLIC_CLIENT_AADSTS: dict[int, tuple[type[exc.AuthorizationError], str, str]] = {
+    7000218: (
+        exc.ClientCredentialError,
+        "the app registration does not allow public client flows, so Entra ID expects a client secret or assertion",
+        hints.ALLOW_PUBLIC_CLIENT,
+    ),
+}
+
+#: The device code flow's endings (Microsoft's v2 device code reference, "Expected errors"), other than
+#: ``authorization_pending`` and ``slow_down``, which MSAL keeps polling on.
+DEVICE_FLOW_ERRORS: dict[str, tuple[type[exc.AuthorizationError], str, str]] = {
+    "authorization_declined": (
+        exc.AuthorizationError,
+        "the sign-in was declined on the device login page",
+        "Accept the permissions when signing in. " + hints.DEVICE_CODE_AGAIN,
+    ),
+    "expired_token": (
+        exc.AuthorizationError,
+        "nobody signed in with the code before it expired (codes are valid for 15 minutes)",
+        hints.DEVICE_CODE_AGAIN + " Enter the code soon after it is printed.",
+    ),
+    "bad_verification_code": (
+        exc.InvalidRequestError,
+        "the identity provider did not recognise the device code",
+        hints.DEVICE_CODE_AGAIN,
+    ),
 }
 
 BY_ERROR = {
@@ -108,11 +191,39 @@ BY_ERROR = {
 }
 
 
-def authorization_error(result: dict, conn_id: str) -> exc.AuthorizationError:
-    """The exception for an MSAL error result; the message never contains the description's secrets."""
+#: Codes Microsoft's reference (entra-docs ``reference-error-codes.md``) describes as temporary. A
+#: refusal carrying one is retried like a 5xx even when its ``error`` is ``invalid_grant``, and is never
+#: reported as a revoked grant. The codes of a real revocation or expiry (50173, 70008, 700082, 70043,
+#: 65001 above) stay permanent. Microsoft documents no code for clock skew on a refresh-token redemption
+#: (the request carries no client time; skew matters for client assertions) nor for replica lag.
+TRANSIENT_AADSTS: dict[int, str] = {
+    50033: "RetryableError: a transient error",
+    50087: "SasRetryableError: a transient error during strong authentication",
+    90006: "ExternalServerRetryableError: the service is temporarily unavailable",
+    90012: "RequestTimeout",
+    90024: "RequestBudgetExceededError: a transient error",
+    90033: "MsodsServiceUnavailable: the directory service is not available",
+    90090: "GraphRetryableError: the service is temporarily unavailable",
+}
+
+
+def transient_refusal(result: dict) -> str | None:
+    """``AADSTS<code> <name>`` when the refusal carries a code Microsoft calls temporary, else None."""
+    for code in result.get("error_codes") or []:
+        if str(code).isdigit() and int(code) in TRANSIENT_AADSTS:
+            return f"AADSTS{code} {TRANSIENT_AADSTS[int(code)]}"
+    return None
+
+
+def authorization_error(result: dict, conn_id: str, *, public_client: bool = False) -> exc.AuthorizationError:
+    """The exception for an MSAL error result; the message never contains the description's secrets.
+
+    :param public_client: the connection has no credential (``credential_type`` ``public_client``).
+    """
     codes = [int(c) for c in result.get("error_codes") or [] if str(c).isdigit()]
     error = str(result.get("error", "unknown_error"))
-    entry = next((AADSTS[c] for c in codes if c in AADSTS), None) or BY_ERROR.get(error)
+    table = {**AADSTS, **PUBLIC_CLIENT_AADSTS} if public_client else AADSTS
+    entry = DEVICE_FLOW_ERRORS.get(error) or next((table[c] for c in codes if c in table), None) or BY_ERROR.get(error)
     code_text = ", ".join(f"AADSTS{c}" for c in codes) or error
     if entry is None:
         cls, cause, fix = (
@@ -122,6 +233,8 @@ def authorization_error(result: dict, conn_id: str) -> exc.AuthorizationError:
         )
     else:
         cls, cause, fix = entry
+    if public_client:
+        fix = hints.for_public_client(fix)
     correlation = result.get("correlation_id")
     message = (
         f"Microsoft 365 token request for connection {conn_id!r} failed ({code_text}, {error}): {cause}. "

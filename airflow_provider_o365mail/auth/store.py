@@ -8,103 +8,53 @@ same key is read and written from everywhere, so a rotated refresh token is seen
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import random
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
+from airflow_provider_o365mail import locks
 from airflow_provider_o365mail.auth import crypto
+from airflow_provider_o365mail.auth.lease import LeaseTiming, RefreshLease, lease_key
 from airflow_provider_o365mail.exceptions import TokenStoreError
+from airflow_provider_o365mail.runtime import VariableBackend, default_variables
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+#: No word of Airflow's sensitive-names list ("token", "secret", ...) in the key: Airflow masks the
+#: value of such a Variable each time it loads it from the database, and every stored version (it
+#: changes with every refresh) would become one more pattern of several kB that the api-server's
+#: masker recompiles on every new secret and never forgets. The value is encrypted anyway.
+STORE_PREFIX = "o365mail_grant_store__"
+#: The key before 0.2: read when the new one is empty, moved on the next write (or by re-encryption).
+LEGACY_STORE_PREFIX = "o365mail_token_cache__"
+__all__ = ["StoredCache", "TokenStore", "fingerprint", "lease_key", "store_key"]
 
 
 def store_key(conn_id: str) -> str:
-    return f"o365mail_token_cache__{conn_id}"
-
-
-def lease_key(conn_id: str) -> str:
-    return f"o365mail_refresh_lease__{conn_id}"
-
-
-STORE_DESCRIPTION = "airflow-provider-o365mail: encrypted, do not edit"
-
-
-class VariableBackend(Protocol):
-    def get(self, key: str) -> str | None: ...
-    def set(self, key: str, value: str, description: str = STORE_DESCRIPTION) -> None: ...
-    def delete(self, key: str) -> None: ...
-
-
-def _in_task_runtime() -> bool:
-    """True inside a task or the triggerer, where the Task SDK talks to a supervisor."""
-    try:
-        from airflow.sdk.execution_time import task_runner
-    except ImportError:
-        return False
-    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
-
-
-class TaskSdkVariables:
-    """Variables through the Task SDK (tasks, triggerer): the ORM is blocked there."""
-
-    def get(self, key: str) -> str | None:
-        from airflow.sdk import Variable
-
-        return Variable.get(key, default=None)
-
-    def set(self, key: str, value: str, description: str = STORE_DESCRIPTION) -> None:
-        from airflow.sdk import Variable
-
-        Variable.set(key, value, description=description)
-
-    def delete(self, key: str) -> None:
-        from airflow.sdk import Variable
-
-        Variable.delete(key)
-
-
-class MetadataDbVariables:
-    """Variables through the core model (CLI, api-server plugin, plain Python with a DB)."""
-
-    def get(self, key: str) -> str | None:
-        from airflow.models.variable import Variable
-
-        return Variable.get(key, default_var=None)
-
-    def set(self, key: str, value: str, description: str = STORE_DESCRIPTION) -> None:
-        from airflow.models.variable import Variable
-
-        Variable.set(key, value, description=description)
-
-    def delete(self, key: str) -> None:
-        from airflow.models.variable import Variable
-
-        Variable.delete(key)
-
-
-def default_backend() -> VariableBackend:
-    return TaskSdkVariables() if _in_task_runtime() else MetadataDbVariables()
+    return f"{STORE_PREFIX}{conn_id}"
 
 
 @dataclass
 class StoredCache:
-    """What the store holds for one connection (encrypted as a whole)."""
+    """What the store holds for one connection (encrypted as a whole).
+
+    ``fence`` is the lease fence of the refresh that wrote it; ``stale_key`` says that an older key
+    than the newest was needed to read it (it should be re-encrypted). ``refresh_token_used_at`` is
+    when a token response last came back (a refresh, or the consent that issued the grant): Microsoft
+    expires a refresh token after 90 days without use, counted from then. Stores written before it
+    was recorded have None.
+    """
 
     msal_cache: str
     seed_fingerprint: str | None
     written_at: float
+    fence: int = 0
+    stale_key: bool = False
+    refresh_token_used_at: float | None = None
 
 
 def fingerprint(secret: str | None) -> str | None:
@@ -117,6 +67,8 @@ class TokenStore:
     def __init__(self, conn_id: str, backend: VariableBackend | None = None) -> None:
         self.conn_id = conn_id
         self.key = store_key(conn_id)
+        self.legacy_key = f"{LEGACY_STORE_PREFIX}{conn_id}"
+        self._legacy_found = False
         self._backend = backend
         self._cipher = None
 
@@ -126,7 +78,7 @@ class TokenStore:
     @property
     def backend(self) -> VariableBackend:
         if self._backend is None:
-            self._backend = default_backend()
+            self._backend = default_variables()
         return self._backend
 
     @property
@@ -135,9 +87,18 @@ class TokenStore:
             self._cipher = crypto.load_cipher()
         return self._cipher
 
+    def _read(self) -> tuple[str | None, bool]:
+        """The stored value, and whether it came from the legacy key."""
+        raw = self.backend.get(self.key)
+        if raw:
+            return raw, False
+        legacy = self.backend.get(self.legacy_key)
+        self._legacy_found = bool(legacy)
+        return (legacy or None), bool(legacy)
+
     def load(self) -> StoredCache | None:
         try:
-            raw = self.backend.get(self.key)
+            raw, legacy = self._read()
         except Exception as err:
             raise TokenStoreError(
                 f"Cannot read the token store Variable {self.key!r}: {type(err).__name__}. Check that this "
@@ -145,22 +106,38 @@ class TokenStore:
             ) from err
         if not raw:
             return None
-        data = json.loads(crypto.decrypt(self.cipher, raw, f"Variable {self.key!r}"))
+        plaintext, stale = crypto.decrypt_stale(self.cipher, raw, f"Variable {self.key!r}")
+        stale = stale or legacy  # re-encryption moves it to the new key
+        data = json.loads(plaintext)
         if data.get("format") != STORE_FORMAT:
             raise TokenStoreError(
                 f"The token store Variable {self.key!r} has format {data.get('format')!r}, this provider "
                 f"reads format {STORE_FORMAT}. Upgrade the provider on every component, or run "
                 f"'airflow o365mail forget --conn-id {self.conn_id}' and authorize again."
             )
-        return StoredCache(data["msal_cache"], data.get("seed_fingerprint"), data["written_at"])
+        used_at = data.get("refresh_token_used_at")
+        return StoredCache(
+            data["msal_cache"],
+            data.get("seed_fingerprint"),
+            data["written_at"],
+            int(data.get("fence") or 0),
+            stale,
+            float(used_at) if used_at else None,
+        )
 
-    def save(self, msal_cache: str, seed_fingerprint: str | None) -> None:
+    def save(
+        self, msal_cache: str, seed_fingerprint: str | None, fence: int = 0, *, used_at: float | None = None
+    ) -> None:
+        """Write the cache; it came from a token response, so the refresh token's last use is now (or ``used_at``)."""
+        now = time.time()
         payload = json.dumps(
             {
                 "format": STORE_FORMAT,
                 "msal_cache": msal_cache,
                 "seed_fingerprint": seed_fingerprint,
-                "written_at": time.time(),
+                "written_at": now,
+                "fence": fence,
+                "refresh_token_used_at": used_at if used_at is not None else now,
             }
         )
         try:
@@ -170,73 +147,79 @@ class TokenStore:
                 f"Cannot write the token store Variable {self.key!r}: {type(err).__name__}. The new refresh "
                 "token is lost for other workers; check the API server / metadata database."
             ) from err
+        if self._legacy_found:
+            self._drop_legacy()
+
+    def _drop_legacy(self) -> None:
+        with contextlib.suppress(Exception):  # a leftover is read only while the new key is empty
+            self.backend.delete(self.legacy_key)
+            self._legacy_found = False
 
     def forget(self) -> None:
         with contextlib.suppress(Exception):
             self.backend.delete(self.key)
+        self._drop_legacy()
+
+    def reencrypt(self) -> bool:
+        """Write the store again under the newest key if an older one was needed; True if it was.
+
+        Call it holding :meth:`refresh_lock`: it reads, then writes, and must not overwrite a
+        refresh that lands in between.
+        """
+        try:
+            raw, legacy = self._read()
+        except Exception as err:
+            raise TokenStoreError(f"Cannot read the token store Variable {self.key!r}: {type(err).__name__}.") from err
+        if not raw:
+            return False
+        _, stale = crypto.decrypt_stale(self.cipher, raw, f"Variable {self.key!r}")
+        if not stale and not legacy:
+            return False
+        self.backend.set(self.key, crypto.reencrypt(self.cipher, raw) if stale else raw)
+        if legacy:
+            self._drop_legacy()
+            log.info("Token store of %s moved from %s to %s.", self.conn_id, self.legacy_key, self.key)
+        if stale:
+            log.info("Token store %s re-encrypted with the newest key.", self.key)
+        return True
 
     # ------------------------------------------------------------------ refresh lock
-    @contextlib.contextmanager
-    def refresh_lock(self, timeout: float = 60.0) -> Iterator[None]:
-        """Serialise refreshes of this connection.
-
-        Same host: an exclusive ``flock`` (exact). Across hosts: a lease Variable written, then
-        read back after a short pause (best effort: the Variable API has no compare-and-swap).
-        """
-        lock_dir = Path(os.environ.get("O365MAIL_LOCK_DIR", tempfile.gettempdir()))
-        name = hashlib.sha256(self.key.encode()).hexdigest()[:24]
-        path = lock_dir / f"airflow-o365mail-{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TokenStoreError(
-                            f"Waited {timeout:.0f} s for another process refreshing {self.conn_id!r}; "
-                            "it may be stuck on the identity provider. Retry the task."
-                        ) from None
-                    time.sleep(0.05)
-            with self._lease(deadline):
-                yield
-        finally:
-            os.close(fd)  # releases the flock
+    def lease(self, timing: LeaseTiming | None = None) -> RefreshLease:
+        """The cross-host refresh lease of this connection (see :mod:`.lease` for what it guarantees)."""
+        return RefreshLease(self.backend, self.conn_id, timing or LeaseTiming.configured(30.0))
 
     @contextlib.contextmanager
-    def _lease(self, deadline: float, ttl: float = 60.0, settle: float = 0.15) -> Iterator[None]:
-        key = lease_key(self.conn_id)
-        me = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        held = False
-        try:
-            while True:
-                current = self._read_lease(key)
-                if current is None or current.get("until", 0) < time.time():
-                    self.backend.set(key, json.dumps({"owner": me, "until": time.time() + ttl}))
-                    time.sleep(settle)
-                    current = self._read_lease(key)
-                    if current is not None and current.get("owner") == me:
-                        held = True
-                        break
-                if time.monotonic() > deadline:
-                    log.warning(
-                        "Refresh lease for %s still held by %s; refreshing anyway.",
-                        self.conn_id,
-                        (current or {}).get("owner"),
+    def host_lock(self, timeout: float = 60.0) -> Iterator[None]:
+        """Serialise refreshes of this connection on this host: an exclusive ``flock`` (exact)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                # The lock file keeps the pre-0.2 name: both versions serialise on a host during an upgrade.
+                stack.enter_context(locks.host_lock(self.legacy_key, timeout))
+            except locks.LockDirError as err:
+                raise TokenStoreError(
+                    f"Cannot create the refresh lock file in {err.lock_dir} ({err.reason}): "
+                    + (
+                        "O365MAIL_LOCK_DIR names a directory that is missing or not writable by this user. Create "
+                        "it (mode 0700, owned by the Airflow user) or unset O365MAIL_LOCK_DIR to use the temp "
+                        "directory."
+                        if err.configured
+                        else "the temp directory is not writable. Set O365MAIL_LOCK_DIR to a writable directory."
                     )
-                    break
-                time.sleep(0.1 + random.random() * 0.2)  # noqa: S311 - jitter, not crypto
+                ) from None
+            except locks.LockTimeout:
+                raise TokenStoreError(
+                    f"Waited {timeout:.0f} s for another process refreshing {self.conn_id!r}; "
+                    "it may be stuck on the identity provider. Retry the task."
+                ) from None
             yield
-        finally:
-            if held:
-                with contextlib.suppress(Exception):
-                    self.backend.delete(key)
 
-    def _read_lease(self, key: str) -> dict | None:
-        try:
-            raw = self.backend.get(key)
-            return json.loads(raw) if raw else None
-        except (ValueError, TypeError):
-            return None
+    @contextlib.contextmanager
+    def refresh_lock(self, timeout: float = 60.0, timing: LeaseTiming | None = None) -> Iterator[RefreshLease]:
+        """Host lock, then the cross-host lease (held and renewed until the block ends)."""
+        with self.host_lock(timeout):
+            lease = self.lease(timing)
+            lease.acquire(time.monotonic() + timeout)
+            try:
+                yield lease
+            finally:
+                lease.release()

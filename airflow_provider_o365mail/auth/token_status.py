@@ -1,15 +1,33 @@
-"""What the token store holds for a connection, without any secret: for the CLI and the UI page."""
+"""What the token store holds for a connection, without any secret: for the CLI and the UI page.
+
+Also the refresh token's health: Microsoft expires a refresh token that was not used for 90 days
+(``MaxInactiveTime``; the refusal is AADSTS700082), and every use issues a new one with a new
+90-day window. The store records when a token response last came back
+(:attr:`.store.StoredCache.refresh_token_used_at`); :func:`keep_alive` redeems the refresh token
+on purpose, for connections a DAG uses rarely (``airflow o365mail refresh``).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msal
 
-from airflow_provider_o365mail.auth.store import TokenStore, fingerprint
+from airflow_provider_o365mail import exceptions as exc
+from airflow_provider_o365mail import hints
+from airflow_provider_o365mail.auth.store import StoredCache, TokenStore, fingerprint
+from airflow_provider_o365mail.auth.tokens import TokenManager
 from airflow_provider_o365mail.connection import O365MailSettings
+from airflow_provider_o365mail.version_compat import AirflowFailException
+
+#: Microsoft's MaxInactiveTime for refresh tokens (entra-docs ``refresh-tokens.md``): 90 days.
+REFRESH_TOKEN_MAX_INACTIVE_DAYS = 90
+#: ``token-status``, ``doctor`` and the UI warn this many days before an unused refresh token expires.
+REFRESH_TOKEN_WARNING_DAYS = 14
+DAY = 86400.0
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -18,8 +36,111 @@ def _iso(timestamp: float | None) -> str | None:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
 
 
+@dataclass(frozen=True)
+class RefreshTokenHealth:
+    """When the refresh token was last used and when it expires if it is not used again."""
+
+    last_used: float | None
+    #: ``store`` (recorded at each refresh), ``msal cache`` (older stores), or ``unknown``
+    recorded_by: str
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.last_used + REFRESH_TOKEN_MAX_INACTIVE_DAYS * DAY if self.last_used else None
+
+    def days_left(self, now: float | None = None) -> float | None:
+        expires_at = self.expires_at
+        return None if expires_at is None else (expires_at - (time.time() if now is None else now)) / DAY
+
+    def state(self, now: float | None = None) -> str:
+        """``ok``, ``warn`` (inside :data:`REFRESH_TOKEN_WARNING_DAYS`), ``expired`` or ``unknown``."""
+        left = self.days_left(now)
+        if left is None:
+            return "unknown"
+        if left <= 0:
+            return "expired"
+        return "warn" if left <= REFRESH_TOKEN_WARNING_DAYS else "ok"
+
+    def sentence(self, now: float | None = None) -> str:
+        if self.last_used is None:
+            return (
+                "no use of the refresh token is recorded yet (empty token store): it expires "
+                f"{REFRESH_TOKEN_MAX_INACTIVE_DAYS} days after the consent unless a task or 'airflow o365mail refresh' "
+                "uses it"
+            )
+        left = self.days_left(now) or 0.0
+        when = f"last used {_iso(self.last_used)}"
+        if left <= 0:
+            return f"{when}: unused for {REFRESH_TOKEN_MAX_INACTIVE_DAYS} days, it expired on {_date(self.expires_at)}"
+        return f"{when}; unused, it expires on {_date(self.expires_at)} (in {left:.0f} days)"
+
+
+def refresh_token_health(stored: StoredCache | None) -> RefreshTokenHealth:
+    """The health of the refresh token in ``stored`` (recorded use first, else the MSAL cache's own stamp)."""
+    if stored is None:
+        return RefreshTokenHealth(None, "unknown")
+    if stored.refresh_token_used_at:
+        return RefreshTokenHealth(stored.refresh_token_used_at, "store")
+    cache = msal.SerializableTokenCache()
+    cache.deserialize(stored.msal_cache)
+    stamps = [
+        float(t.get("last_modification_time", 0) or 0)
+        for t in cache.search(msal.TokenCache.CredentialType.REFRESH_TOKEN)
+    ]
+    newest = max(stamps, default=0.0)
+    return RefreshTokenHealth(newest, "msal cache") if newest else RefreshTokenHealth(None, "unknown")
+
+
+def _date(timestamp: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).date().isoformat() if timestamp else None
+
+
+@dataclass
+class KeepAliveResult:
+    """What ``airflow o365mail refresh`` did for one connection (no secret)."""
+
+    connection: str
+    status: str  # "ok", "skipped", "failed" (retry later), "reauthorize" or "broken" (fix the connection)
+    detail: str
+    refresh_token_expires_on: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def keep_alive(manager: TokenManager) -> KeepAliveResult:
+    """Redeem the connection's refresh token now and store the rotated one (a new 90-day window).
+
+    A refusal that needs a person (revoked, expired, consent removed) is ``reauthorize``; a permanent
+    error of the connection itself (expired secret, unregistered certificate, bad field) is ``broken``; a temporary
+    failure (network, proxy, identity provider busy, a transient AADSTS code) is ``failed`` and the next
+    scheduled run tries again.
+    """
+    settings = manager.settings
+    conn_id = settings.conn_id
+    if not settings.delegated:
+        return KeepAliveResult(conn_id, "skipped", "app-only (client credentials): no refresh token to keep alive")
+    try:
+        manager.get(force_refresh=True)
+        health = refresh_token_health(manager.store.load())
+    except exc.ReauthorizationRequired as err:
+        return KeepAliveResult(conn_id, "reauthorize", str(err))
+    except (exc.IdentityProviderUnavailable, exc.MailServerUnavailable, exc.TokenStoreError) as err:
+        return KeepAliveResult(conn_id, "failed", f"{err} (temporary: the next run tries again)")
+    except exc.O365MailError as err:
+        if isinstance(err, AirflowFailException | exc.ConnectionConfigError):  # bad secret, certificate, field
+            return KeepAliveResult(conn_id, "broken", str(err))
+        return KeepAliveResult(conn_id, "failed", str(err))
+    return KeepAliveResult(
+        conn_id,
+        "ok",
+        f"refresh token redeemed and the rotated one stored; unused, it expires on {_date(health.expires_at)}",
+        _date(health.expires_at),
+    )
+
+
 def describe_store(settings: O365MailSettings) -> dict[str, Any]:
-    """Signed-in account, scopes, access-token expiry and refresh-token age; raises TokenStoreError."""
+    """Signed-in account, scopes, access-token expiry and refresh-token health; raises TokenStoreError."""
     stored = TokenStore(settings.conn_id).load()
     status: dict[str, Any] = {
         "connection": settings.conn_id,
@@ -35,7 +156,24 @@ def describe_store(settings: O365MailSettings) -> dict[str, Any]:
         "access_token_minutes_left": None,
         "refresh_token_last_used": None,
         "refresh_token_age_days": None,
+        "refresh_token_expires_on": None,
+        "refresh_token_days_left": None,
+        "refresh_token_health": None,
+        "refresh_token_warning": None,
     }
+    if settings.delegated:
+        health = refresh_token_health(stored)
+        status["refresh_token_health"] = health.state()
+        if health.state() in ("warn", "expired"):
+            fix = hints.REFRESH_KEEPALIVE if health.state() == "warn" else hints.REAUTHORIZE
+            if settings.public_client:
+                fix = hints.for_public_client(fix)
+            status["refresh_token_warning"] = f"{health.sentence()}. {fix.format(conn_id=settings.conn_id)}"
+        if health.last_used:
+            status["refresh_token_last_used"] = _iso(health.last_used)
+            status["refresh_token_age_days"] = round((time.time() - health.last_used) / DAY, 2)
+            status["refresh_token_expires_on"] = _date(health.expires_at)
+            status["refresh_token_days_left"] = round(health.days_left() or 0.0, 1)
     if stored is None:
         return status
     if settings.delegated:
@@ -54,10 +192,4 @@ def describe_store(settings: O365MailSettings) -> dict[str, Any]:
         status["scopes"] = str(newest.get("target", "")).split()
         status["access_token_expires_at"] = _iso(expires_on)
         status["access_token_minutes_left"] = round((expires_on - time.time()) / 60, 1)
-    refresh_tokens = list(cache.search(msal.TokenCache.CredentialType.REFRESH_TOKEN))
-    if refresh_tokens:
-        modified = max(float(t.get("last_modification_time", 0) or 0) for t in refresh_tokens)
-        if modified:
-            status["refresh_token_last_used"] = _iso(modified)
-            status["refresh_token_age_days"] = round((time.time() - modified) / 86400, 2)
     return status

@@ -5,27 +5,43 @@ Used by the hook, the triggers, the CLI and the plugin alike.
 - A warm store answers without any request to the identity provider: the access token is read
   straight from the decrypted MSAL cache, and MSAL (whose construction fetches the discovery
   document) is only built when a refresh is due.
-- Refreshes are serialised per connection (see :meth:`TokenStore.refresh_lock`), re-check the
-  store after taking the lock, and persist the cache only when MSAL changed it.
-- Permanent refusals raise an :class:`AuthorizationError` at once; network errors, 5xx and 429
-  are retried with bounded backoff (``Retry-After`` honoured).
+- Refreshes are single-flight per connection: a ``flock`` on this host, then the cross-host lease
+  (:mod:`.lease`: renewed while held, fenced). The store is re-checked after each step, so a
+  process that waited finds the token another one fetched. The cache is persisted only when MSAL
+  changed it, and never over a store written under a higher fence.
+- Permanent refusals raise an :class:`AuthorizationError` at once, and so does a failed TLS
+  certificate check; network errors, 5xx and 429 are retried with :data:`TOKEN_BACKOFF`
+  (``Retry-After`` honoured up to 60 s). After a timed-out request (which the identity provider
+  may still have processed) the store is read again before the retry.
+- A store that no configured key opens (key rotated, old key removed too early) is not fatal:
+  the connection's own refresh token is used, with a warning, and the store is rewritten.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 import msal
 import requests
 
-from airflow_provider_o365mail.auth.errors import authorization_error
+from airflow_provider_o365mail import hints
+from airflow_provider_o365mail.auth.crypto import StoreUndecryptable
+from airflow_provider_o365mail.auth.errors import authorization_error, transient_refusal
 from airflow_provider_o365mail.auth.last_error import record_last_error
+from airflow_provider_o365mail.auth.lease import LeaseTiming, RefreshLease
+from airflow_provider_o365mail.auth.masking import (
+    mask,
+    mask_access_token,
+    mask_cache,
+    mask_pem,
+    mask_proxies,
+    mask_result,
+)
+from airflow_provider_o365mail.auth.msal_app import RecordingHttpClient, ResponseRecord, build_app
 from airflow_provider_o365mail.auth.store import TokenStore, fingerprint
 from airflow_provider_o365mail.connection import O365MailSettings
 from airflow_provider_o365mail.exceptions import (
@@ -34,28 +50,21 @@ from airflow_provider_o365mail.exceptions import (
     IdentityProviderUnavailable,
     ReauthorizationRequired,
 )
-from airflow_provider_o365mail.tls import IdentityProviderSession
+from airflow_provider_o365mail.retry import Backoff
+from airflow_provider_o365mail.tls import IdentityProviderSession, is_certificate_error
 
 log = logging.getLogger(__name__)
 
 #: A cached access token with less left than this is refreshed (MSAL uses the same 5 minutes).
 REFRESH_MARGIN = 300
-MAX_ATTEMPTS = 4
-MAX_BACKOFF = 30.0
+#: Token requests: 4 attempts, waits of about 1, 2, 4 s (at most 30 s).
+TOKEN_BACKOFF = Backoff(first=1.0, maximum=30.0, attempts=4, jitter=(0.75, 1.25))
+#: A server's ``Retry-After`` is honoured up to this many seconds.
 MAX_RETRY_AFTER = 60.0
+MAX_ATTEMPTS = TOKEN_BACKOFF.attempts
 TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
-
-def mask(value: str | None) -> None:
-    """Register a secret with Airflow's masker (logs of tasks, triggerer and supervisor)."""
-    if not value:
-        return
-    try:
-        from airflow.sdk.log import mask_secret
-
-        mask_secret(value)
-    except Exception:  # noqa: S110 - masking must never break token acquisition
-        pass
+__all__ = ["AccessToken", "TokenManager", "mask"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,16 @@ class AccessToken:
         return f"<access token, {self.seconds_left:.0f} s left, from {self.source}>"
 
 
+@dataclass
+class _Loaded:
+    """The MSAL cache to work from, and where it came from."""
+
+    cache: msal.SerializableTokenCache
+    seed: str | None
+    fence: int = 0
+    stale_key: bool = False
+
+
 class TokenManager:
     """Access tokens for one ``o365mail`` connection."""
 
@@ -83,14 +102,18 @@ class TokenManager:
         store: TokenStore | None = None,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        lease_timing: LeaseTiming | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or TokenStore(settings.conn_id)
         self._sleep = sleep
-        self._http_cache: dict = {}
+        self._lease_timing = lease_timing
         self._last: AccessToken | None = None
-        mask(settings.client_secret)
-        mask(settings.refresh_token)
+        self._store_unreadable = False
+        mask(settings.client_secret, settings.refresh_token, settings.certificate_passphrase)
+        if settings.certificate_key:
+            mask_pem(settings.certificate_key)
+        mask_proxies(settings.proxy)
 
     def __repr__(self) -> str:
         return f"TokenManager(conn_id={self.settings.conn_id!r})"
@@ -107,25 +130,87 @@ class TokenManager:
     def _get(self, *, force_refresh: bool) -> AccessToken:
         rejected = self._last.token if force_refresh and self._last else None
         if not force_refresh:
-            cache, _ = self._load_cache()
-            cached = self._cached_access_token(cache)
+            loaded = self._load_cache()
+            cached = self._cached_access_token(loaded.cache)
             if cached is not None:
+                if loaded.stale_key:
+                    self._reencrypt_store()
                 return self._remember(cached)
-        with self.store.refresh_lock(timeout=max(60.0, 4 * self.settings.timeout)):
-            cache, seed = self._load_cache()
-            cached = self._cached_access_token(cache)
-            if cached is not None and (not force_refresh or (rejected and cached.token != rejected)):
-                return self._remember(cached)  # another process refreshed while we waited
-            self._drop_access_tokens(cache)
-            result = self._with_retries(lambda: self._acquire(cache))
-            if cache.has_state_changed:
-                self.store.save(cache.serialize(), seed)
-        token = AccessToken(
+        wait = max(60.0, 4 * self.settings.timeout)
+        with self.store.host_lock(timeout=wait):
+            fresh = self._fresh_in_store(force_refresh, rejected)
+            if fresh is not None:
+                return self._remember(fresh)  # another process on this host refreshed while we waited
+            lease = self.store.lease(self.lease_timing)
+            found: list[AccessToken] = []
+
+            def someone_else_refreshed() -> bool:
+                token = self._fresh_in_store(force_refresh, rejected)
+                if token is not None:
+                    found.append(token)
+                return token is not None
+
+            if not lease.acquire(time.monotonic() + wait, min_fence=self._stored_fence(), done=someone_else_refreshed):
+                return self._remember(found[0])  # another host refreshed while we waited
+            try:
+                fresh = self._fresh_in_store(force_refresh, rejected)
+                if fresh is not None:
+                    return self._remember(fresh)
+                token = self._refresh(lease, rejected)
+            finally:
+                lease.release()
+        return self._remember(token)
+
+    @property
+    def lease_timing(self) -> LeaseTiming:
+        return self._lease_timing or LeaseTiming.configured(self.settings.timeout)
+
+    def _fresh_in_store(self, force_refresh: bool, rejected: str | None) -> AccessToken | None:
+        """A valid token in the store that is not the one a server just refused."""
+        cached = self._cached_access_token(self._load_cache().cache)
+        if cached is None or (force_refresh and (rejected is None or cached.token == rejected)):
+            return None
+        return cached
+
+    def _stored_fence(self) -> int:
+        try:
+            stored = self.store.load()
+        except StoreUndecryptable:
+            return 0
+        return stored.fence if stored else 0
+
+    def _refresh(self, lease: RefreshLease, rejected: str | None) -> AccessToken:
+        """Redeem, holding ``lease``; persist the rotated cache unless a newer refresh stored its own."""
+        loaded = self._load_cache()
+        self._drop_access_tokens(loaded.cache)
+        outcome = self._with_retries(loaded, lease, rejected)
+        if isinstance(outcome, AccessToken):
+            return outcome
+        result, loaded = outcome
+        if loaded.cache.has_state_changed:
+            newest = self._stored_fence()
+            if lease.fence is not None and newest > lease.fence:
+                log.warning(
+                    "The token store of %s was written by a newer refresh (fence %d > %d); not overwriting it.",
+                    self.settings.conn_id,
+                    newest,
+                    lease.fence,
+                )
+            else:
+                self.store.save(loaded.cache.serialize(), loaded.seed, fence=lease.fence or 0)
+        return AccessToken(
             token=result["access_token"],
             expires_on=time.time() + int(result.get("expires_in", 3600)),
             source="identity_provider",
         )
-        return self._remember(token)
+
+    def _reencrypt_store(self) -> None:
+        """The store was read with an older key: write it again under the newest (holding the lock)."""
+        try:
+            with self.store.refresh_lock(timeout=max(60.0, 4 * self.settings.timeout), timing=self.lease_timing):
+                self.store.reencrypt()
+        except Exception as err:  # the next refresh rewrites it anyway
+            log.warning("Could not re-encrypt the token store of %s: %s", self.settings.conn_id, err)
 
     def forget(self) -> None:
         """Drop the stored tokens of this connection (the connection's refresh token is kept)."""
@@ -133,22 +218,40 @@ class TokenManager:
         self._last = None
 
     # ------------------------------------------------------------------ cache
-    def _load_cache(self) -> tuple[msal.SerializableTokenCache, str | None]:
-        """The stored MSAL cache, unless the connection carries a refresh token it was not seeded from."""
+    def _load_cache(self) -> _Loaded:
+        """The stored MSAL cache, unless the connection carries a refresh token it was not seeded from.
+
+        A store that no configured key opens falls back to the connection's refresh token (with a
+        warning): the next refresh rewrites the store under the current key.
+        """
         cache = msal.SerializableTokenCache()
         seed = fingerprint(self.settings.refresh_token) if self.settings.delegated else None
-        stored = self.store.load()
+        try:
+            stored = self.store.load()
+        except StoreUndecryptable as err:
+            if self.settings.delegated and not self.settings.refresh_token:
+                raise
+            if self._store_unreadable:
+                return _Loaded(cache, seed)
+            self._store_unreadable = True
+            log.warning(
+                "%s Using the connection's own %s instead.",
+                err,
+                "refresh token" if self.settings.delegated else "client credentials",
+            )
+            return _Loaded(cache, seed)
         if stored is None:
-            return cache, seed
+            return _Loaded(cache, seed)
         if self.settings.delegated and seed is not None and stored.seed_fingerprint != seed:
             log.info(
                 "Connection %s carries a refresh token the token store was not seeded from (re-authorized); "
                 "starting from it.",
                 self.settings.conn_id,
             )
-            return cache, seed
+            return _Loaded(cache, seed, stored.fence)
         cache.deserialize(stored.msal_cache)
-        return cache, stored.seed_fingerprint
+        mask_cache(cache)
+        return _Loaded(cache, stored.seed_fingerprint, stored.fence, stored.stale_key)
 
     def _matching_access_tokens(self, cache: msal.SerializableTokenCache) -> list[dict]:
         return list(
@@ -173,39 +276,18 @@ class TokenManager:
             cache.remove_at(item)
 
     def _remember(self, token: AccessToken) -> AccessToken:
-        mask(token.token)
+        mask_access_token(token.token, token.expires_on, self.settings.mailbox or None)
         self._last = token
         return token
 
     # ------------------------------------------------------------------ MSAL
     @cached_property
     def _http(self) -> IdentityProviderSession:
-        return IdentityProviderSession(self.settings.ca_bundle, self.settings.timeout)
+        return IdentityProviderSession(self.settings.ca_bundle, self.settings.timeout, proxy=self.settings.http_proxy)
 
-    def _app(self, cache: msal.SerializableTokenCache) -> msal.ConfidentialClientApplication:
-        """Built only when a refresh is due: construction fetches the discovery document."""
-        kwargs: dict[str, Any] = {}
-        if not self.settings.is_microsoft_authority:
-            kwargs["instance_discovery"] = False
-        try:
-            return msal.ConfidentialClientApplication(
-                self.settings.client_id,
-                client_credential=self.settings.client_secret,
-                authority=self.settings.authority,
-                token_cache=cache,
-                http_client=self._http,
-                http_cache=self._http_cache,
-                **kwargs,
-            )
-        except ValueError as err:
-            raise ConnectionConfigError(
-                f"Connection {self.settings.conn_id!r}: the authority {self.settings.authority} does not serve "
-                "an OpenID configuration (tenant wrong, or not a V2 authority). Copy the V2 token endpoint "
-                "from the app registration's Endpoints page."
-            ) from err
-
-    def _acquire(self, cache: msal.SerializableTokenCache) -> dict:
-        app = self._app(cache)
+    def _acquire(self, cache: msal.SerializableTokenCache, record: ResponseRecord) -> dict:
+        """One attempt; the app (discovery included) is built for it with a fresh throttle cache."""
+        app = build_app(self.settings, cache=cache, http_client=RecordingHttpClient(self._http, record))
         scopes = list(self.settings.scopes)
         if not self.settings.delegated:
             return app.acquire_token_for_client(scopes)
@@ -217,48 +299,88 @@ class TokenManager:
             if not self.settings.refresh_token:
                 raise ReauthorizationRequired(
                     f"Connection {self.settings.conn_id!r} has never been authorized: it has no refresh token and "
-                    f"the token store is empty. Run 'airflow o365mail authorize --conn-id {self.settings.conn_id}' "
-                    "or use the Authorize button on the Airflow UI page Microsoft 365 Mail.",
+                    "the token store is empty. "
+                    + (hints.NEVER_AUTHORIZED_PUBLIC if self.settings.public_client else hints.NEVER_AUTHORIZED).format(
+                        conn_id=self.settings.conn_id
+                    ),
                     conn_id=self.settings.conn_id,
                 )
             result = app.acquire_token_by_refresh_token(self.settings.refresh_token, scopes)
         return result
 
-    def _with_retries(self, operation: Callable[[], dict]) -> dict:
+    def _certificate_error(self, err: BaseException) -> ConnectionConfigError:
+        where = f"ca_bundle {self.settings.ca_bundle!r}" if self.settings.ca_bundle else "the system trust store"
+        return ConnectionConfigError(
+            f"Connection {self.settings.conn_id!r}: the TLS certificate of the identity provider at "
+            f"{self.settings.authority} is not trusted by {where} ({type(err).__name__}: certificate verify "
+            "failed). Set the connection's ca_bundle to the CA that issued the server's certificate (or remove a "
+            "wrong one); behind a TLS-intercepting proxy, use the proxy's CA. Retrying will not help."
+        )
+
+    def _with_retries(
+        self, loaded: _Loaded, lease: RefreshLease, rejected: str | None
+    ) -> tuple[dict, _Loaded] | AccessToken:
+        """Token requests with :data:`TOKEN_BACKOFF`; each one only while ``lease`` is safely held."""
         conn_id = self.settings.conn_id
         reason = ""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            self._http.last_status = self._http.last_retry_after = None
+        need = self.settings.timeout + self.lease_timing.settle
+        for attempt in range(1, (TOKEN_BACKOFF.attempts or 1) + 1):
+            if not (lease.still_held(need) and lease.confirm()):
+                raise IdentityProviderUnavailable(
+                    f"Token request for connection {conn_id!r} not sent: this process no longer safely holds the "
+                    "refresh lease (renewals failed or another process took it over), and a second redemption of "
+                    "the refresh token could revoke the grant. The task can be retried."
+                )
+            record = ResponseRecord()
+            timed_out = False
             try:
-                result = operation()
+                result = self._acquire(loaded.cache, record)
+            except requests.exceptions.SSLError as err:
+                if is_certificate_error(err):
+                    raise self._certificate_error(err) from None
+                reason = f"TLS error ({type(err).__name__})"
+            except requests.exceptions.ProxyError as err:
+                reason = str(err)  # names the proxy, never its credentials (tls.IdentityProviderSession)
             except (requests.ConnectionError, requests.Timeout) as err:
+                timed_out = isinstance(err, requests.Timeout)
                 reason = f"network error ({type(err).__name__})"
             except (msal.exceptions.MsalServiceError, requests.HTTPError):
-                reason = f"HTTP {self._http.last_status or 'error'}"
+                reason = f"HTTP {record.status or 'error'}"
             else:
-                status = self._http.last_status or 0
+                mask_result(result)
+                status = record.status or 0
                 if "error" not in result:
-                    return result
-                if status != 429 and status < 500 and result.get("error") not in TRANSIENT_ERRORS:
-                    raise authorization_error(result, conn_id)
+                    return result, loaded
+                transient = transient_refusal(result)
+                if status != 429 and status < 500 and result.get("error") not in TRANSIENT_ERRORS and not transient:
+                    raise authorization_error(result, conn_id, public_client=self.settings.public_client)
                 reason = f"HTTP {status} {result.get('error')}"
-            if attempt == MAX_ATTEMPTS:
+                if transient:
+                    reason += f" ({transient}: temporary, the grant is not revoked)"
+            if TOKEN_BACKOFF.gives_up_after(attempt):
                 break
-            delay = self._http.last_retry_after
-            if delay is None:
-                delay = min(MAX_BACKOFF, 2 ** (attempt - 1)) * (0.75 + random.random() / 2)  # noqa: S311
-            delay = min(delay, MAX_RETRY_AFTER)
+            if record.retry_after is not None:
+                delay = min(record.retry_after, MAX_RETRY_AFTER)
+            else:
+                delay = TOKEN_BACKOFF.delay(attempt)
             log.warning(
                 "Token request for %s failed (%s), attempt %d/%d; retrying in %.1f s.",
                 conn_id,
                 reason,
                 attempt,
-                MAX_ATTEMPTS,
+                TOKEN_BACKOFF.attempts,
                 delay,
             )
-            self._http_cache.clear()  # MSAL would otherwise replay the throttled answer
             self._sleep(delay)
+            if timed_out:
+                # The identity provider may have processed the request and rotated the refresh token:
+                # start again from what the store holds now, in case the rotation reached it.
+                loaded = self._load_cache()
+                cached = self._cached_access_token(loaded.cache)
+                if cached is not None and cached.token != rejected:
+                    return cached
+                self._drop_access_tokens(loaded.cache)
         raise IdentityProviderUnavailable(
-            f"Token request for connection {conn_id!r} failed {MAX_ATTEMPTS} times, last: {reason}. The identity "
-            f"provider at {self.settings.authority} is unreachable or overloaded; the task can be retried."
+            f"Token request for connection {conn_id!r} failed {TOKEN_BACKOFF.attempts} times, last: {reason}. The "
+            f"identity provider at {self.settings.authority} is unreachable or overloaded; the task can be retried."
         )

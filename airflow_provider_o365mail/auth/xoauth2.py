@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from airflow_provider_o365mail.auth.masking import mask_xoauth2
+
 
 def xoauth2_string(user: str, access_token: str) -> str:
-    """``user=<user>^Aauth=Bearer <token>^A^A``: the client library base64-encodes it."""
+    """``user=<user>^Aauth=Bearer <token>^A^A``: the client library base64-encodes it.
+
+    The string and its base64 form are registered with Airflow's masker before it is returned.
+    """
     if any(c in user for c in "\x01\r\n") or any(c in access_token for c in "\x01\r\n "):
         raise ValueError("XOAUTH2 user or token contains a control character")
+    mask_xoauth2(user, access_token)
     return f"user={user}\x01auth=Bearer {access_token}\x01\x01"
 
 

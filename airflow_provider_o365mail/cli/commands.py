@@ -1,4 +1,4 @@
-"""Implementations of ``airflow o365mail authorize | doctor | token-status | forget``."""
+"""Implementations of ``airflow o365mail authorize | doctor | token-status | refresh | forget``."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import html
 import json
 import sys
 import threading
+import time
 import webbrowser
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_o365mail.auth.consent import ConsentFlow, ConsentResult, parse_redirect, store_consent
-from airflow_provider_o365mail.connection import load_connection, settings_from_connection
+from airflow_provider_o365mail.connection import settings_from_connection
+from airflow_provider_o365mail.runtime import load_connection
 
 DEFAULT_CLI_REDIRECT_URI = "http://localhost/o365mail/callback"
+#: How long the loopback and paste flows wait for the sign-in without --timeout.
+DEFAULT_SIGN_IN_TIMEOUT = 300.0
 
 
 def _settings(conn_id: str):
@@ -28,16 +33,22 @@ def _fail(message: str) -> None:
 
 # ---------------------------------------------------------------------- authorize
 def authorize(args: Any) -> None:
-    """Run the consent flow for ``--conn-id``: loopback listener, or ``--paste`` for headless terminals."""
+    """Run the consent flow for ``--conn-id``: loopback listener, ``--paste`` for headless terminals, or
+    ``--device-code`` for public clients."""
     from airflow_provider_o365mail.exceptions import O365MailError
 
     try:
         settings = _settings(args.conn_id)
         redirect_uri = args.redirect_uri or DEFAULT_CLI_REDIRECT_URI
-        if args.paste:
+        if args.device_code:
+            if args.paste:
+                raise ValueError("Use --device-code or --paste, not both.")
+            result = _authorize_by_device_code(settings, args.timeout)
+        elif args.paste:
             result = _authorize_by_paste(settings, redirect_uri)
         else:
-            result = _authorize_by_loopback(settings, redirect_uri, args.port, not args.no_browser, args.timeout)
+            timeout = DEFAULT_SIGN_IN_TIMEOUT if args.timeout is None else args.timeout
+            result = _authorize_by_loopback(settings, redirect_uri, args.port, not args.no_browser, timeout)
         result = store_consent(result)
     except (O365MailError, ValueError, TimeoutError) as err:
         _fail(str(err))
@@ -48,6 +59,25 @@ def authorize(args: Any) -> None:
         f"{f' ({result.name})' if result.name else ''}.\nScopes: {' '.join(result.scopes)}\n"
         f"The refresh token was stored in {where} (encrypted); no token is shown."
     )
+
+
+def _authorize_by_device_code(settings: Any, timeout: float | None) -> ConsentResult:
+    from airflow_provider_o365mail.auth.device_code import DeviceCodeConsent
+
+    consent = DeviceCodeConsent(settings)
+    code = consent.start()
+    minutes = max(0, round((code.expires_at - time.time()) / 60))
+    waiting = "until it expires" if timeout is None else f"up to {timeout:.0f} s (--timeout)"
+    print(
+        f"{code.message or f'Open {code.verification_uri} and enter the code {code.user_code}.'}\n"
+        f"Sign in as the mailbox user ({settings.mailbox}) and accept. The code is valid for {minutes} minutes; "
+        f"waiting {waiting}.",
+        flush=True,
+    )
+    if timeout is None:
+        return consent.wait(code)
+    deadline = time.monotonic() + timeout
+    return consent.wait(code, until=lambda: time.monotonic() > deadline)
 
 
 def _authorize_by_paste(settings: Any, redirect_uri: str) -> ConsentResult:
@@ -124,19 +154,27 @@ def _authorize_by_loopback(
         server.server_close()
 
 
+def _report(rows: list[Any], output: str, marks: dict[str, str], line: Callable[[Any, str], str]) -> None:
+    """Rows (with ``status`` and ``as_dict()``) as a JSON list, or one text line each behind its mark."""
+    if output == "json":
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    for row in rows:
+        print(line(row, marks[row.status]))
+
+
 # ---------------------------------------------------------------------- doctor
 def doctor(args: Any) -> None:
-    from airflow_provider_o365mail.doctor import FAIL, diagnose
+    from airflow_provider_o365mail.hooks.doctor import FAIL, diagnose
+
+    def line(check: Any, mark: str) -> str:
+        text = f"[{mark}] {check.link:<20} {check.detail}"
+        if check.fix and check.status in ("fail", "warn"):
+            text += f"\n       {'':<20} fix: {check.fix}"
+        return text
 
     checks = diagnose(args.conn_id)
-    if args.output == "json":
-        print(json.dumps([c.as_dict() for c in checks], indent=2))
-    else:
-        marks = {"ok": " OK ", "warn": "WARN", "fail": "FAIL", "skip": "SKIP"}
-        for check in checks:
-            print(f"[{marks[check.status]}] {check.link:<20} {check.detail}")
-            if check.fix and check.status in ("fail", "warn"):
-                print(f"       {'':<20} fix: {check.fix}")
+    _report(checks, args.output, {"ok": " OK ", "warn": "WARN", "fail": "FAIL", "skip": "SKIP"}, line)
     broken = [c.link for c in checks if c.status == FAIL]
     if broken:
         print(f"\nBroken link: {broken[0]}", file=sys.stderr)
@@ -159,6 +197,44 @@ def token_status(args: Any) -> None:
         print(f"{key:<26} {value if value not in (None, '', []) else '-'}")
 
 
+def _o365mail_conn_ids() -> list[str]:
+    from airflow.models.connection import Connection
+    from airflow.utils.session import create_session
+
+    from airflow_provider_o365mail.connection import CONN_TYPE
+
+    with create_session() as session:
+        rows = session.query(Connection.conn_id).filter(Connection.conn_type == CONN_TYPE).all()
+    return sorted(row[0] for row in rows)
+
+
+def refresh(args: Any) -> None:
+    """Keep-alive: redeem the refresh token of each connection and store the rotated one."""
+    from airflow_provider_o365mail.auth.token_status import KeepAliveResult, keep_alive
+    from airflow_provider_o365mail.auth.tokens import TokenManager
+    from airflow_provider_o365mail.exceptions import O365MailError
+
+    conn_ids = list(args.conn_ids) or _o365mail_conn_ids()
+    if not conn_ids:
+        _fail(
+            "No o365mail connection in the metadata database. Name the connections: "
+            "'airflow o365mail refresh <conn_id> [<conn_id> ...]' (environment and secrets-backend connections "
+            "are not listed)."
+        )
+        return
+    results = []
+    for conn_id in conn_ids:
+        try:
+            result = keep_alive(TokenManager(_settings(conn_id)))
+        except (O365MailError, ValueError) as err:
+            result = KeepAliveResult(conn_id, "failed", str(err))
+        results.append(result)
+    marks = {"ok": " OK ", "skipped": "SKIP", "failed": "FAIL", "reauthorize": "FAIL", "broken": "FAIL"}
+    _report(results, args.output, marks, lambda r, mark: f"[{mark}] {r.connection}: {r.detail}")
+    if any(r.status in ("failed", "reauthorize", "broken") for r in results):
+        sys.exit(1)
+
+
 def forget(args: Any) -> None:
     from airflow_provider_o365mail.auth.store import TokenStore
 
@@ -167,3 +243,30 @@ def forget(args: Any) -> None:
         f"Dropped the cached tokens of {args.conn_id!r}. The connection's refresh token field is kept; the next use "
         "redeems it (or run 'airflow o365mail authorize')."
     )
+
+
+# ---------------------------------------------------------------------- rotate-keys
+def rotate_keys(args: Any) -> None:
+    """Re-encrypt every token store under the newest key (run before removing an old key)."""
+    from airflow_provider_o365mail.auth.rotation import rotate_all
+    from airflow_provider_o365mail.exceptions import O365MailError
+
+    try:
+        report = rotate_all()
+    except O365MailError as err:
+        _fail(str(err))
+        return
+    print(
+        f"Token stores re-encrypted with the newest key: {len(report.reencrypted)}; already current: "
+        f"{len(report.current)}; consent flows in progress re-encrypted: {report.flows}."
+    )
+    for conn_id, message in report.failed.items():
+        print(f"Cannot re-encrypt the token store of {conn_id!r}: {message}", file=sys.stderr)
+    if report.failed:
+        print(
+            "Keep the old key configured (second) until every store above is re-encrypted; a store no key opens "
+            "falls back to its connection's refresh token.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    print("The old key can now be removed from every Airflow component.")

@@ -1,4 +1,8 @@
-"""``airflow o365mail ...``: declared here (cheap to import), implemented in :mod:`.commands`."""
+"""``airflow o365mail ...``: declared here (cheap to import), implemented in :mod:`.commands`.
+
+Airflow >= 3.2 registers them through the provider info's ``cli`` entry; on Airflow 3.1, which has no
+provider CLI commands, ``python -m airflow_provider_o365mail.cli`` (:mod:`.__main__`) runs the same ones.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ ARG_PASTE = Arg(
     help="Headless terminals: print the sign-in link, then paste the URL the browser was redirected to",
     action="store_true",
 )
+ARG_DEVICE_CODE = Arg(
+    ("--device-code",),
+    help="Public-client connections (no secret): print a code and a URL to sign in with on any device, and wait",
+    action="store_true",
+)
 ARG_PORT = Arg(("--port",), help="Port of the local callback listener (default: a free port)", type=int, default=0)
 ARG_NO_BROWSER = Arg(("--no-browser",), help="Do not try to open a browser; print the link", action="store_true")
 ARG_REDIRECT_URI = Arg(
@@ -18,15 +27,28 @@ ARG_REDIRECT_URI = Arg(
     "localhost URI is ignored by Entra ID)",
     default=None,
 )
-ARG_TIMEOUT = Arg(("--timeout",), help="Seconds to wait for the sign-in", type=float, default=300.0)
+ARG_TIMEOUT = Arg(
+    ("--timeout",),
+    help="Seconds to wait for the sign-in (default 300; with --device-code, until the code expires)",
+    type=float,
+    default=None,
+)
+ARG_CONN_IDS = Arg(
+    ("conn_ids",),
+    help="o365mail connection ids (default: every o365mail connection in the metadata database)",
+    nargs="*",
+    metavar="conn_id",
+)
 ARG_OUTPUT = Arg(("-o", "--output"), help="Output format", choices=("text", "json"), default="text")
+
+GROUP_HELP = "Microsoft 365 mail (airflow-provider-o365mail): consent, diagnostics, token store"
 
 O365MAIL_COMMANDS = (
     ActionCommand(
         name="authorize",
         help="Sign in and consent for a connection; stores the refresh token and seeds the token store",
         func=lazy_load_command("airflow_provider_o365mail.cli.commands.authorize"),
-        args=(ARG_CONN_ID, ARG_PASTE, ARG_PORT, ARG_NO_BROWSER, ARG_REDIRECT_URI, ARG_TIMEOUT),
+        args=(ARG_CONN_ID, ARG_PASTE, ARG_DEVICE_CODE, ARG_PORT, ARG_NO_BROWSER, ARG_REDIRECT_URI, ARG_TIMEOUT),
     ),
     ActionCommand(
         name="doctor",
@@ -41,10 +63,24 @@ O365MAIL_COMMANDS = (
         args=(ARG_CONN_ID, ARG_OUTPUT),
     ),
     ActionCommand(
+        name="refresh",
+        help="Keep-alive: redeem each connection's refresh token now and store the rotated one (an unused refresh "
+        "token expires after 90 days); schedule it for rarely used connections",
+        func=lazy_load_command("airflow_provider_o365mail.cli.commands.refresh"),
+        args=(ARG_CONN_IDS, ARG_OUTPUT),
+    ),
+    ActionCommand(
         name="forget",
         help="Drop the cached tokens of a connection (its refresh token field is kept)",
         func=lazy_load_command("airflow_provider_o365mail.cli.commands.forget"),
         args=(ARG_CONN_ID,),
+    ),
+    ActionCommand(
+        name="rotate-keys",
+        help="Re-encrypt every token store with the newest key ([core] fernet_key or [o365mail] token_cache_keys); "
+        "run it after adding a new key first and before removing the old one",
+        func=lazy_load_command("airflow_provider_o365mail.cli.commands.rotate_keys"),
+        args=(),
     ),
 )
 
@@ -53,7 +89,7 @@ def get_o365mail_cli_commands() -> list[GroupCommand]:
     return [
         GroupCommand(
             name="o365mail",
-            help="Microsoft 365 mail (airflow-provider-o365mail): consent, diagnostics, token store",
+            help=GROUP_HELP,
             subcommands=O365MAIL_COMMANDS,
         )
     ]

@@ -3,47 +3,90 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import smtplib
 import ssl
-from collections.abc import Iterable, Iterator, Mapping
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseHook
 
+from airflow_provider_o365mail import hints
+from airflow_provider_o365mail.auth.lease import LeaseTiming, RefreshLease
+from airflow_provider_o365mail.auth.masking import mask_proxies
 from airflow_provider_o365mail.auth.tokens import AccessToken, TokenManager
 from airflow_provider_o365mail.auth.xoauth2 import xoauth2_responder, xoauth2_string
 from airflow_provider_o365mail.connection import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
+    HOOK_NAME,
     O365MailSettings,
-    load_connection,
     settings_from_connection,
 )
 from airflow_provider_o365mail.exceptions import (
     AuthorizationError,
+    ConnectionConfigError,
     MailAuthenticationError,
     MailServerError,
+    MailServerUnavailable,
     O365MailError,
     TlsRequiredError,
 )
+from airflow_provider_o365mail.hooks import connection_form
+from airflow_provider_o365mail.locks import host_lock
 from airflow_provider_o365mail.mail import imap_watch
-from airflow_provider_o365mail.mail.compose import OutgoingMessage, compose_message
+from airflow_provider_o365mail.mail.batch import send_batch
+from airflow_provider_o365mail.mail.compose import OutgoingMessage, PlannedMessage, compose_message, plan_message
+from airflow_provider_o365mail.mail.imap_errors import refusal_class
+from airflow_provider_o365mail.mail.imap_gate import check_gate
+from airflow_provider_o365mail.mail.imap_hub import FolderWatch, idle_hub
+from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS, ImapEndpoint, MailWaiter
+from airflow_provider_o365mail.mail.imap_pool import DEFAULT_MAX_CONNECTIONS, ImapPool, imap_pool
+from airflow_provider_o365mail.mail.imap_scan import ImapSession
+from airflow_provider_o365mail.mail.imap_stream import FolderStream
 from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.mail.smtp_sender import SendResult, SmtpBatchSender, raise_for_refused
+from airflow_provider_o365mail.mail.message_ids import TaskIdentity, stable_message_id
+from airflow_provider_o365mail.mail.proxied import ProxiedIMAPClient, ProxiedSMTP
+from airflow_provider_o365mail.mail.recipient_budget import (
+    DEFAULT_DAILY_RECIPIENT_BUDGET,
+    RecipientBudget,
+    budget_key,
+)
+from airflow_provider_o365mail.mail.send_ledger import SendLedger
+from airflow_provider_o365mail.mail.session_budget import SessionBudget, session_budget
+from airflow_provider_o365mail.mail.smtp_sender import SEND_RETRY, SendResult, SmtpBatchSender, raise_for_refused
 from airflow_provider_o365mail.mail.watermark import FolderWatermark, WatermarkStore
+from airflow_provider_o365mail.runtime import VariableBackend, default_variables, load_connection
 from airflow_provider_o365mail.tls import client_ssl_context
+from airflow_provider_o365mail.version_compat import conf
 
-IMAP_REFUSAL_HINT = (
-    "The server refused the token for {mailbox}. Check that the mailbox is the signed-in user (or one it may "
-    "open), that the app has IMAP.AccessAsUser.All (delegated) or IMAP.AccessAsApp plus Add-MailboxPermission "
-    "(app-only), and that IMAP is enabled for the mailbox."
-)
-SMTP_REFUSAL_HINT = (
-    "The server refused the token for {mailbox} ({reply}). If the reply says 5.7.139, SMTP AUTH is disabled for "
-    "the tenant or mailbox: enable it with Set-CASMailbox -SmtpClientAuthenticationDisabled $false. Otherwise check "
-    "that the app has SMTP.Send (delegated) or SMTP.SendAsApp (app-only) and that the mailbox is the signed-in user."
-)
+#: ``[o365mail]`` options: this process's connection budgets per mailbox (Exchange: ~20 IMAP, 3 SMTP).
+IMAP_BUDGET_OPTION = "max_imap_connections_per_mailbox"
+SMTP_BUDGET_OPTION = "max_smtp_sessions_per_mailbox"
+DEFAULT_SMTP_SESSIONS = 3
+
+
+def configured_budget(option: str, default: int) -> int:
+    """``[o365mail] <option>`` as a positive int; a wrong value is an error that names the option."""
+    value = conf.get("o365mail", option, fallback=str(default))
+    try:
+        budget = int(str(value).strip() or default)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise ConnectionConfigError(
+            f"[o365mail] {option} must be a whole number >= 1, not {value!r}. Exchange Online allows about 20 IMAP "
+            "connections and 3 SMTP sessions per mailbox; see docs/receiving.md for sizing."
+        )
+    return budget
+
+
+#: Exchange's name of the folder that holds a copy of every message sent over SMTP AUTH.
+SENT_ITEMS_FOLDER = "Sent Items"
 
 
 class O365MailHook(BaseHook):
@@ -55,11 +98,23 @@ class O365MailHook(BaseHook):
     conn_name_attr = "conn_id"
     default_conn_name = DEFAULT_CONN_ID
     conn_type = CONN_TYPE
-    hook_name = "Microsoft 365 Mail (OAuth2)"
+    hook_name = HOOK_NAME
 
     def __init__(self, conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.conn_id = conn_id
+
+    # ------------------------------------------------------------------ connection form (Airflow 3.1)
+    # Airflow >= 3.2 reads the form from the provider info's ``conn-fields`` and skips these two.
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The form's extra fields on Airflow 3.1, from the same declaration as ``conn-fields``."""
+        return connection_form.form_widgets()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Hidden, relabelled and placeholder fields on Airflow 3.1 (``ui-field-behaviour`` on 3.2+)."""
+        return connection_form.field_behaviour()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(conn_id={self.conn_id!r})"
@@ -67,7 +122,9 @@ class O365MailHook(BaseHook):
     # ------------------------------------------------------------------ settings and tokens
     @cached_property
     def settings(self) -> O365MailSettings:
-        return settings_from_connection(load_connection(self.conn_id))
+        settings = settings_from_connection(load_connection(self.conn_id))
+        mask_proxies(settings.proxy)
+        return settings
 
     @cached_property
     def tokens(self) -> TokenManager:
@@ -91,42 +148,73 @@ class O365MailHook(BaseHook):
     # ------------------------------------------------------------------ IMAP
     def _imap_login(self, user: str, force_refresh: bool):
         from imapclient import IMAPClient
-        from imapclient.exceptions import IMAPClientError
+        from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
         s = self.settings
-        client = IMAPClient(s.imap_host, port=s.imap_port, ssl=True, ssl_context=self.ssl_context, timeout=s.timeout)
+        where = f"{s.imap_host}:{s.imap_port}"
+        token = self.access_token(force_refresh=force_refresh)  # before connecting, as for SMTP
+        client = None
+        proxy = s.http_proxy
         try:
-            sasl = self.xoauth2_string(self.get_access_token(force_refresh=force_refresh), user=user)
+            if proxy is not None:  # a CONNECT tunnel; TLS and its certificate check are still the server's
+                client = ProxiedIMAPClient(
+                    s.imap_host, port=s.imap_port, proxy=proxy, ssl_context=self.ssl_context, timeout=s.timeout
+                )
+            else:
+                client = IMAPClient(
+                    s.imap_host, port=s.imap_port, ssl=True, ssl_context=self.ssl_context, timeout=s.timeout
+                )
+            sasl = self.xoauth2_string(token.token, user=user)
             client.sasl_login("XOAUTH2", xoauth2_responder(sasl))
             # Exchange can accept AUTHENTICATE and refuse the next command ("User is authenticated
             # but not connected"): only a command after login proves the session works.
             client.list_folders(directory="", pattern="INBOX")
+        except (IMAPClientAbortError, OSError) as err:  # dropped, reset, timed out, TLS broken
+            _quietly_shutdown(client)
+            if isinstance(err, ssl.SSLCertVerificationError):
+                raise MailServerError(
+                    f"TLS certificate of {where} failed verification ({err.verify_message}); no credentials were "
+                    "sent. Set the connection's ca_bundle if the server uses a private CA."
+                ) from None
+            raise MailServerUnavailable(
+                f"IMAP session with {where} as {user} failed ({type(err).__name__}: {_server_text(err)}); "
+                "this is usually temporary and is retried."
+            ) from None
         except IMAPClientError as err:
-            with contextlib.suppress(Exception):
-                client.shutdown()
+            _quietly_shutdown(client)
+            text = _server_text(err)
+            if refusal_class(text, during_login=True) is MailServerUnavailable:
+                raise MailServerUnavailable(
+                    f"IMAP server {where} refused a session as {user} for now: {text}. Exchange allows about 20 "
+                    "IMAP connections per mailbox; this is retried."
+                ) from None
             raise MailAuthenticationError(
-                f"IMAP login to {s.imap_host}:{s.imap_port} as {user} failed: {_server_text(err)}. "
-                + IMAP_REFUSAL_HINT.format(mailbox=user)
+                f"IMAP login to {where} as {user} failed: {text}. " + hints.IMAP_REFUSED.format(mailbox=user)
             ) from None
         except BaseException:
-            with contextlib.suppress(Exception):
-                client.shutdown()
+            _quietly_shutdown(client)
             raise
-        return client
+        return client, token
 
-    @contextlib.contextmanager
-    def imap_client(self, mailbox: str | None = None) -> Iterator[Any]:
-        """A logged-in, TLS-verified :class:`imapclient.IMAPClient`; logs out on exit.
+    def imap_login(self, mailbox: str | None = None) -> tuple[Any, AccessToken]:
+        """A logged-in, TLS-verified :class:`imapclient.IMAPClient` and the token it used; the caller logs out.
 
-        :param mailbox: another mailbox to open with the connection's token (shared mailbox).
+        A refused token is retried once with a refreshed one (it may have been revoked before its expiry).
         """
         user = mailbox or self.settings.mailbox
         try:
-            client = self._imap_login(user, force_refresh=False)
+            return self._imap_login(user, force_refresh=False)
         except MailAuthenticationError:
-            # The token may have been revoked server-side before its expiry: one fresh try.
             self.log.info("IMAP refused the access token for %s; retrying once with a refreshed token.", user)
-            client = self._imap_login(user, force_refresh=True)
+            return self._imap_login(user, force_refresh=True)
+
+    @contextlib.contextmanager
+    def imap_client(self, mailbox: str | None = None) -> Iterator[Any]:
+        """A logged-in, TLS-verified :class:`imapclient.IMAPClient` of its own; logs out on exit.
+
+        :param mailbox: another mailbox to open with the connection's token (shared mailbox).
+        """
+        client, _ = self.imap_login(mailbox)
         try:
             yield client
         finally:
@@ -136,12 +224,61 @@ class O365MailHook(BaseHook):
                 with contextlib.suppress(Exception):
                     client.shutdown()
 
+    # ------------------------------------------------------------------ shared IMAP connections
+    def _mailbox_key(self, mailbox: str | None) -> tuple[str, str, str]:
+        # Keyed without reading the connection (no I/O on the event loop): connection id and mailbox.
+        return ("o365mail", self.conn_id, mailbox or "")
+
+    def imap_pool(self, mailbox: str | None = None) -> ImapPool:
+        """This process's pool of logged-in IMAP sessions of the mailbox ([o365mail] max_imap_connections_per_mailbox)."""
+        budget = configured_budget(IMAP_BUDGET_OPTION, DEFAULT_MAX_CONNECTIONS)
+        return imap_pool(self._mailbox_key(mailbox), budget, name=f"{self.conn_id}/{mailbox or 'default mailbox'}")
+
+    @contextlib.contextmanager
+    def pooled_imap_client(self, mailbox: str | None = None) -> Iterator[Any]:
+        """A logged-in IMAPClient from :meth:`imap_pool`: returned to it afterwards, dropped after an error."""
+        with self.imap_pool(mailbox).lease(lambda: self.imap_login(mailbox)) as client:
+            yield client
+
     def check_mail(
         self, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None, *, mailbox: str | None = None
     ) -> CheckResult:
-        """Messages matching ``spec`` in its folders (read-only; see :mod:`.mail.imap_watch`)."""
-        with self.imap_client(mailbox) as client:
-            return imap_watch.check(client, spec, watermarks)
+        """Messages matching ``spec`` in its folders (read-only; see :mod:`.mail.imap_watch`), over a pooled session."""
+        with self._imap_errors("checking mail"), ImapSession(lambda: self.pooled_imap_client(mailbox)) as session:
+            return imap_watch.check(session, spec, watermarks)
+
+    async def acheck_mail(
+        self, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None, *, mailbox: str | None = None
+    ) -> CheckResult:
+        """:meth:`check_mail` from async code: in a thread, at most the budget at once per mailbox, and identical
+        concurrent checks (same spec and watermarks) run once."""
+        budget = configured_budget(IMAP_BUDGET_OPTION, DEFAULT_MAX_CONNECTIONS)
+        gate = check_gate(self._mailbox_key(mailbox), budget)
+        marks = {folder: mark.to_dict() for folder, mark in sorted((watermarks or {}).items())}
+        key = (json.dumps(spec.to_dict(), sort_keys=True, default=str), json.dumps(marks, sort_keys=True, default=str))
+        return await gate.run(key, lambda: self.check_mail(spec, watermarks, mailbox=mailbox))
+
+    def folder_watch(
+        self,
+        folders: Sequence[str],
+        *,
+        mailbox: str | None = None,
+        poll_interval: float = 60.0,
+        max_idle: float = MAX_IDLE_SECONDS,
+    ) -> FolderWatch:
+        """Join this process's shared IDLE watch of ``folders`` (one IDLE connection per folder and mailbox).
+
+        Call it on the event loop; it reads nothing (the connection is loaded in a thread by the IDLE task).
+        """
+        return FolderWatch.join(
+            idle_hub(),
+            self._mailbox_key(mailbox),
+            folders,
+            lambda: self.imap_endpoint(mailbox),
+            self.access_token,
+            poll_interval=poll_interval,
+            max_idle=max_idle,
+        )
 
     def commit_mail(
         self, spec: WatchSpec, result: CheckResult, store: WatermarkStore | None, *, mailbox: str | None = None
@@ -149,13 +286,93 @@ class O365MailHook(BaseHook):
         """Apply ``spec``'s post-action to ``result``'s messages and advance the watermarks."""
         if not result.messages:
             return
-        with self.imap_client(mailbox) as client:
+        if not spec.post_action:  # only the watermark moves: no IMAP connection (100 resuming sensors, none used)
+            imap_watch.commit(None, spec, result, store)
+            return
+        with (
+            self._imap_errors(f"applying post_action={spec.post_action!r}"),
+            self.pooled_imap_client(mailbox) as client,
+        ):
             imap_watch.commit(client, spec, result, store)
+
+    def apply_post_action(self, spec: WatchSpec, result: CheckResult, *, mailbox: str | None = None) -> None:
+        """Apply ``spec``'s post-action to ``result``'s messages (watermarks untouched)."""
+        if not (spec.post_action and result.messages):
+            return
+        with (
+            self._imap_errors(f"applying post_action={spec.post_action!r}"),
+            self.pooled_imap_client(mailbox) as client,
+        ):
+            imap_watch.apply_post_action(client, spec, result)
+
+    @contextlib.contextmanager
+    def _imap_errors(self, doing: str) -> Iterator[None]:
+        """No raw imaplib/IMAPClient/socket error reaches Airflow: each becomes a provider error saying what."""
+        from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+
+        where = f"{self.settings.imap_host}:{self.settings.imap_port}"
+        try:
+            yield
+        except (IMAPClientAbortError, OSError) as err:
+            raise MailServerUnavailable(
+                f"IMAP connection to {where} was lost while {doing} ({type(err).__name__}: {_server_text(err)}); "
+                "this is retried."
+            ) from None
+        except IMAPClientError as err:
+            text = _server_text(err)
+            cls = refusal_class(text, during_login=False)
+            raise cls(f"IMAP server {where} refused a command while {doing}: {text}") from None
+
+    def imap_endpoint(self, mailbox: str | None = None) -> ImapEndpoint:
+        """Where the connection's IMAP server is, and as whom to log in (``mailbox``: a shared mailbox)."""
+        s = self.settings
+        return ImapEndpoint(
+            s.imap_host, s.imap_port, mailbox or s.mailbox, float(s.timeout), self.ssl_context, s.http_proxy
+        )
+
+    def mail_waiter(
+        self,
+        folders: Sequence[str],
+        *,
+        mailbox: str | None = None,
+        poll_interval: float = 60.0,
+        max_idle: float = MAX_IDLE_SECONDS,
+    ) -> MailWaiter:
+        """Waits (async) for a change in ``folders``: IMAP IDLE with this connection's tokens, or polling.
+
+        Building it reads nothing: the connection is loaded in a worker thread at the first wait.
+        """
+        return MailWaiter(
+            lambda: self.imap_endpoint(mailbox),
+            self.access_token,
+            folders,
+            poll_interval=poll_interval,
+            max_idle=max_idle,
+        )
+
+    def folder_stream(
+        self,
+        folder: str,
+        *,
+        mailbox: str | None = None,
+        poll_interval: float = 60.0,
+        max_idle: float = MAX_IDLE_SECONDS,
+    ) -> FolderStream:
+        """New messages of ``folder`` as an endless async stream (see :class:`FolderStream`)."""
+        waiter = self.mail_waiter([folder], mailbox=mailbox, poll_interval=poll_interval, max_idle=max_idle)
+        return FolderStream(lambda: self.imap_client(mailbox), waiter, folder)
 
     # ------------------------------------------------------------------ SMTP
     def _smtp_login(self, user: str, force_refresh: bool) -> tuple[smtplib.SMTP, AccessToken]:
         s = self.settings
-        client = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.timeout)
+        # The token first: a refresh can take a while (retries, a lease held by another host), and a
+        # server that sees no command for a while after STARTTLS drops the session.
+        token = self.access_token(force_refresh=force_refresh)
+        proxy = s.http_proxy
+        if proxy is not None:  # a CONNECT tunnel; STARTTLS and its certificate check are still the server's
+            client: smtplib.SMTP = ProxiedSMTP(s.smtp_host, s.smtp_port, proxy=proxy, timeout=s.timeout)
+        else:
+            client = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.timeout)
         try:
             client.ehlo()
             if not client.has_extn("starttls"):
@@ -170,7 +387,6 @@ class O365MailHook(BaseHook):
                     f"SMTP server {s.smtp_host}:{s.smtp_port} does not offer AUTH XOAUTH2 after STARTTLS "
                     f"(offers: {client.esmtp_features.get('auth', 'nothing')!r}). SMTP AUTH may be disabled."
                 )
-            token = self.access_token(force_refresh=force_refresh)
             sasl = self.xoauth2_string(token.token, user=user)
             # The response goes after the 334 prompt: servers cut long AUTH lines (tokens are 1.5-3 kB).
             client.auth("XOAUTH2", xoauth2_responder(sasl), initial_response_ok=False)
@@ -179,7 +395,7 @@ class O365MailHook(BaseHook):
             reply = f"{err.smtp_code} {err.smtp_error.decode(errors='replace')}"
             raise MailAuthenticationError(
                 f"SMTP login to {s.smtp_host}:{s.smtp_port} as {user} failed. "
-                + SMTP_REFUSAL_HINT.format(mailbox=user, reply=reply)
+                + hints.SMTP_REFUSED.format(mailbox=user, reply=reply)
             ) from None
         except ssl.SSLCertVerificationError as err:
             _quietly_close(client)
@@ -224,36 +440,158 @@ class O365MailHook(BaseHook):
         """Build a message from this connection's mailbox (or ``from_email``); see :func:`compose_message`."""
         return compose_message(sender=from_email or self.settings.mailbox, **fields)
 
+    def plan(
+        self,
+        specs: Sequence[Mapping[str, Any]],
+        identity: TaskIdentity | None = None,
+        *,
+        scope: str = "",
+    ) -> list[PlannedMessage]:
+        """Check every message of a batch (nothing is built or sent); see :func:`plan_message`.
+
+        With ``identity`` (the task instance) each message without its own ``message_id`` gets a
+        Message-ID derived from the identity and its position, the same on every try.
+        """
+        planned = []
+        for position, spec in enumerate(specs):
+            fields = dict(spec)
+            sender = fields.pop("from_email", None) or self.settings.mailbox
+            if identity is not None and not fields.get("message_id"):
+                domain = sender.rpartition("@")[2].rstrip(">").strip() or "localhost"
+                fields["message_id"] = stable_message_id(identity, position, domain, scope)
+            planned.append(plan_message(sender=sender, **fields))
+        return planned
+
+    def sent_items_lookup(self, mailbox: str | None = None, folder: str = SENT_ITEMS_FOLDER):
+        """``lookup(message_id) -> int``: how many messages with this Message-ID are in ``folder`` (Sent Items)?
+
+        Exchange stores every message submitted over SMTP AUTH there; the sender asks after a lost
+        reply to the end of DATA. One IMAP session per lookup (they are rare).
+        """
+
+        def lookup(message_id: str) -> bool:
+            with self.imap_client(mailbox) as client, self._imap_errors(f"searching {folder} for {message_id}"):
+                client.select_folder(folder, readonly=True)
+                return len(client.search(["HEADER", "Message-ID", message_id]))
+
+        return lookup
+
+    def smtp_batch_sender(
+        self, mailbox: str | None = None, *, max_attempts: int | None = None, **options: Any
+    ) -> SmtpBatchSender:
+        """A :class:`SmtpBatchSender` that logs in through this hook (one session, re-AUTH before expiry).
+
+        After a lost reply to the end of DATA it looks the Message-ID up in the mailbox's Sent Items
+        over this hook's IMAP (``sent_lookup=None`` turns that off).
+
+        :param max_attempts: attempts per message for temporary failures (default 5).
+        :param options: ``retry`` (a :class:`~..retry.Backoff`), ``reauth_margin``, ``clock``, ``sleep``,
+            ``session_slot`` (default: a slot of :meth:`smtp_budget`, held while a session is open),
+            ``sent_lookup``, ``sent_items_wait``.
+        """
+        if max_attempts is not None:
+            options["retry"] = dataclasses.replace(options.get("retry", SEND_RETRY), attempts=max_attempts)
+        options.setdefault("sent_lookup", self.sent_items_lookup(mailbox))
+        s = self.settings
+        options.setdefault("session_slot", self.smtp_budget(mailbox).slot)
+        return SmtpBatchSender(
+            lambda force_refresh: self.smtp_login(mailbox, force_refresh=force_refresh),
+            where=f"{s.smtp_host}:{s.smtp_port}",
+            **options,
+        )
+
+    def smtp_budget(self, mailbox: str | None = None) -> SessionBudget:
+        """This process's budget of concurrent SMTP sessions of the mailbox ([o365mail] max_smtp_sessions_per_mailbox)."""
+        return session_budget(
+            ("smtp", *self._mailbox_key(mailbox)),
+            configured_budget(SMTP_BUDGET_OPTION, DEFAULT_SMTP_SESSIONS),
+            what=f"SMTP sessions of {self.conn_id}/{mailbox or 'default mailbox'}",
+            option=SMTP_BUDGET_OPTION,
+        )
+
+    def recipient_budget(self, store: VariableBackend | None = None) -> RecipientBudget | None:
+        """The mailbox's rolling 24-hour recipient count, or None when ``daily_recipient_budget`` is 0."""
+        budget = _configured_budget()
+        if budget <= 0:
+            return None
+        mailbox = self.settings.mailbox
+        variables = store or default_variables()
+        timing = LeaseTiming.configured(self.settings.timeout)
+        return RecipientBudget(
+            variables,
+            mailbox,
+            budget,
+            lock=lambda: _cross_host_lock(
+                variables, f"recipient-budget:{mailbox.lower()}", budget_key(mailbox), timing
+            ),
+        )
+
     def send_messages(
-        self, messages: Iterable[OutgoingMessage], *, raise_on_refused: bool = True, **sender_options: Any
+        self,
+        messages: Iterable[OutgoingMessage | PlannedMessage],
+        *,
+        identity: TaskIdentity | None = None,
+        raise_on_refused: bool = True,
+        variables: VariableBackend | None = None,
+        **sender_options: Any,
     ) -> list[SendResult]:
         """Send messages over one SMTP session (re-authenticating when its token nears expiry).
 
+        Before the first message: the batch's recipients are counted against the mailbox's daily
+        budget (:class:`RecipientBudgetExceeded`, nothing sent, when it would cross it). With
+        ``identity`` (the task instance), accepted messages are recorded in its send ledger and a
+        retry skips them; the ledger is kept (marked complete) until its retention runs out.
+
+        :param messages: :class:`PlannedMessage` (built one at a time) or built messages.
         :param raise_on_refused: raise :class:`RecipientsRefusedError` after the batch if the server
             refused recipients permanently (the others received the message).
-        :param sender_options: passed to :class:`SmtpBatchSender` (``max_attempts``, ``backoff``...).
+        :param variables: where the ledger and the budget live (default ``runtime.default_variables()``).
+        :param sender_options: passed to :meth:`smtp_batch_sender` (``max_attempts``, ``retry``, ``sleep``...).
         """
-        with SmtpBatchSender(self, **sender_options) as sender:
-            results = []
-            for message in messages:
-                result = sender.send(message)
-                self.log.info(
-                    "Sent %s to %d recipient(s)%s.",
-                    result.message_id,
-                    len(result.accepted),
-                    f", {len(result.refused)} refused" if result.refused else "",
-                )
-                results.append(result)
+        planned = [m if isinstance(m, PlannedMessage) else _planned(m) for m in messages]
+        store = variables or (default_variables() if identity is not None or _configured_budget() > 0 else None)
+        ledger = (
+            SendLedger(store, identity, lock=lambda: host_lock("send-ledger-index"))
+            if identity is not None and store is not None
+            else None
+        )
+        budget = self.recipient_budget(store) if store is not None else None
+        if budget is not None:
+            holder = identity.key() if identity is not None else f"once-{uuid.uuid4().hex}"
+            budget.reserve(holder, sum(len(m.recipients) for m in planned))
+        with self.smtp_batch_sender(**sender_options) as sender:
+            results = send_batch(sender, planned, ledger=ledger)
+        if ledger is not None:
+            ledger.finish()
+        for result in results:
+            self.log.info(
+                "%s %s to %d recipient(s)%s.",
+                "Already sent" if result.already_sent else "Sent",
+                result.message_id,
+                len(result.accepted),
+                f", {len(result.refused)} refused" if result.refused else "",
+            )
         if raise_on_refused:
             raise_for_refused(results)
         return results
 
     def send_email(
-        self, to: Any = None, subject: str | None = None, html_content: str | None = None, **fields: Any
+        self,
+        to: Any = None,
+        subject: str | None = None,
+        html_content: str | None = None,
+        *,
+        identity: TaskIdentity | None = None,
+        scope: str = "email",
+        **fields: Any,
     ) -> str:
-        """Compose and send one message; returns its Message-ID. Fields as in :func:`compose_message`."""
-        message = self.compose(to=to, subject=subject, html_content=html_content, **fields)
-        return self.send_messages([message])[0].message_id
+        """Compose and send one message; returns its Message-ID. Fields as in :func:`compose_message`.
+
+        With ``identity`` the Message-ID is derived from it and ``scope`` (stable across tries).
+        """
+        spec = {"to": to, "subject": subject, "html_content": html_content, **fields}
+        planned = self.plan([spec], identity, scope=scope)
+        return self.send_messages(planned)[0].message_id
 
     # ------------------------------------------------------------------ UI test button
     def test_connection(self) -> tuple[bool, str]:
@@ -281,9 +619,45 @@ class O365MailHook(BaseHook):
             pass
 
 
+@contextlib.contextmanager
+def _cross_host_lock(variables: VariableBackend, name: str, key: str, timing: LeaseTiming) -> Iterator[None]:
+    """Exclusive across hosts: this host's ``flock`` (exact among its processes), then a lease in the
+    Variable ``<key>_lease`` (``auth/lease.py``: claim, settle, read back; renewed while held)."""
+    with host_lock(name):
+        lease = RefreshLease(variables, name, timing, key=f"{key}_lease", doing="holding the lock")
+        lease.acquire(time.monotonic() + 2 * timing.ttl)
+        try:
+            yield
+        finally:
+            lease.release()
+
+
+def _configured_budget() -> int:
+    raw = (conf.get("o365mail", "daily_recipient_budget", fallback="") or "").strip()
+    if not raw:
+        return DEFAULT_DAILY_RECIPIENT_BUDGET
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConnectionConfigError(
+            f"[o365mail] daily_recipient_budget must be a whole number of recipients (0 turns the budget off), "
+            f"got {raw!r}."
+        ) from None
+
+
+def _planned(message: OutgoingMessage) -> PlannedMessage:
+    return PlannedMessage(message.message_id, message.envelope_from, message.recipients, build=lambda: message)
+
+
 def _server_text(err: Exception) -> str:
     text = str(err)
     return text[:300]
+
+
+def _quietly_shutdown(client: Any) -> None:
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.shutdown()
 
 
 def _quietly_close(client: smtplib.SMTP) -> None:

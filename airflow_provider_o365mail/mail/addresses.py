@@ -1,8 +1,9 @@
 """Parse and check mail addresses and header values (no I/O).
 
 Addresses arrive from users and templates as ``"a@x, B <b@y>"``, ``"a@x; b@y"`` or lists; display
-names may hold non-ASCII characters and quoted commas. Header values must never carry CR or LF
-(header injection).
+names may hold non-ASCII characters and quoted commas. Header values must never carry CR, LF or
+any other line boundary Python knows (``\x85``, ``\u2028``...: header injection). A part that holds
+more than one address (``"x <a@b> <c@d>"``) is refused rather than reduced to its first address.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from email.headerregistry import Address
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 
 from airflow_provider_o365mail.exceptions import MessageCompositionError
 
 AddressInput = str | Iterable[str] | None
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+#: NUL and every character ``str.splitlines`` breaks on: the email package folds headers with it.
+LINE_BREAKS = "\0\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 def check_header_value(name: str, value: str) -> str:
-    """Refuse CR, LF and NUL in a header value (they would start a new header: header injection)."""
-    if any(c in value for c in "\r\n\0"):
+    """Refuse NUL and line breaks (CR, LF, U+0085, U+2028...) in a header value: header injection."""
+    if any(c in value for c in LINE_BREAKS):
         raise MessageCompositionError(
             f"The {name} header value contains a line break or NUL character; refusing to build the message "
             "(header injection). Remove line breaks from the value."
@@ -71,6 +74,12 @@ def _split(text: str) -> list[str]:
 def parse_address(text: str, *, field: str = "address") -> Address:
     """One address: ``a@x``, ``Name <a@x>`` or ``"Doe, Jane" <a@x>``; non-ASCII names are fine."""
     check_header_value(field, text)
+    found = [pair for pair in getaddresses([text]) if any(pair)]
+    if len(found) > 1:
+        raise MessageCompositionError(
+            f"{field}: {text!r} holds more than one address or text after the address; refusing to guess which "
+            "is meant. Separate addresses with commas, and quote display names that contain '<' or '@'."
+        )
     name, addr_spec = parseaddr(text)
     if not addr_spec or "@" not in addr_spec or addr_spec.startswith("@") or addr_spec.endswith("@"):
         raise MessageCompositionError(f"{field}: {text!r} is not a mail address (expected name@domain).")
@@ -81,7 +90,13 @@ def parse_address(text: str, *, field: str = "address") -> Address:
             "ASCII addresses."
         )
     if not domain.isascii():
-        domain = domain.encode("idna").decode("ascii")
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as err:
+            raise MessageCompositionError(
+                f"{field}: the domain of {addr_spec!r} is not a valid international domain name ({err.__cause__ or err}). "
+                "Check the address for stray or invisible characters."
+            ) from None
     try:
         return Address(display_name=name, username=local, domain=domain)
     except (ValueError, IndexError) as err:

@@ -27,8 +27,13 @@ def safe_file_name(name: str | None, fallback: str = "attachment") -> str:
     stem, dot, suffix = text.rpartition(".")
     if not dot:
         stem, suffix = text, ""
-    if stem.upper() in _WINDOWS_DEVICES:
-        stem = f"_{stem}"
+    # Windows reserves the device name before the *first* dot ("NUL.tar.gz" opens NUL), with
+    # trailing spaces ignored ("CON .txt").
+    if text.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        text = f"_{text}"
+        stem, dot, suffix = text.rpartition(".")
+        if not dot:
+            stem, suffix = text, ""
     suffix = suffix[:20]
     budget = MAX_NAME_BYTES - len(suffix.encode()) - (1 if suffix else 0)
     stem_bytes = stem.encode()[:budget]

@@ -15,13 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_o365mail.exceptions import ConnectionConfigError
+from airflow_provider_o365mail.exceptions import CriteriaError
+
+__all__ = ["POST_ACTIONS", "CriteriaError", "MailCriteria"]
 
 POST_ACTIONS = (None, "seen", "flag", "move")
-
-
-class CriteriaError(ConnectionConfigError):
-    """The sensor's criteria are invalid (fix the DAG)."""
 
 
 def _date(value: Any, name: str) -> dt.date | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import random
 import re
+import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,21 +25,33 @@ import aioimaplib
 from imapclient import imap_utf7
 
 from airflow_provider_o365mail import exceptions
-from airflow_provider_o365mail.exceptions import MailAuthenticationError, MailServerError
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
+from airflow_provider_o365mail.exceptions import MailServerError, MailServerUnavailable
+from airflow_provider_o365mail.mail.credentials import ExpiringToken, TokenSource
+from airflow_provider_o365mail.mail.imap_errors import refusal_class
+from airflow_provider_o365mail.mail.proxied import ProxiedAioIMAP4
+from airflow_provider_o365mail.retry import Backoff
+from airflow_provider_o365mail.tls import HttpProxy
 
 log = logging.getLogger(__name__)
 # aioimaplib logs the AUTHENTICATE line (a base64 token) at DEBUG: never let that through.
 logging.getLogger("aioimaplib.aioimaplib").setLevel(logging.INFO)
 
 MAX_IDLE_SECONDS = 25 * 60
-MAX_BACKOFF_SECONDS = 300.0
+#: IDLE is ended and renewed this often, and DONE must be answered: a server that stopped talking is
+#: noticed, and middleboxes with a 4-5 min idle cut-off (Azure's load balancers) see traffic.
+PROBE_SECONDS = 240.0
+KEEPALIVE_IDLE_SECONDS = 10
+KEEPALIVE_INTERVAL_SECONDS = 5
+KEEPALIVE_PROBES = 3
+#: Reconnecting after transient failures: 2, 4, 8 ... s, at most 5 min, jittered; never gives up.
+RECONNECT = Backoff(first=2.0, maximum=300.0, jitter=(0.5, 1.0))
 # Errors a person must fix: reconnecting cannot help.
 PERMANENT_ERRORS = (
     exceptions.AuthorizationError,
     exceptions.ConnectionConfigError,
     exceptions.MailAuthenticationError,
     exceptions.TokenStoreError,
+    exceptions.ProxyRefused,
 )
 TOKEN_MARGIN_SECONDS = 120
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
@@ -50,67 +64,158 @@ def quote_folder(folder: str) -> str:
 
 
 @dataclass(frozen=True)
-class IdleTarget:
+class ImapEndpoint:
+    """Where and as whom to log in over IMAPS (no secret here: the token comes from a token source)."""
+
     host: str
     port: int
     user: str
-    folder: str
     timeout: float
+    ssl_context: ssl.SSLContext
+    #: an HTTP CONNECT proxy to tunnel through (TLS still to ``host``), or None for a direct connection
+    proxy: HttpProxy | None = None
 
 
 class IdleUnsupported(Exception):
     """The server does not offer IDLE: poll instead."""
 
 
+#: ``factory(endpoint, on_lost)`` builds an (unconnected) aioimaplib client that calls ``on_lost(exc)``
+#: when its connection drops; tests pass a fake.
+IdleClientFactory = Callable[[ImapEndpoint, Callable[[Exception | None], None]], Any]
+
+
+def aioimaplib_client(endpoint: ImapEndpoint, on_lost: Callable[[Exception | None], None]) -> aioimaplib.IMAP4:
+    # IMAP4 with an SSL context is IMAPS; IMAP4_SSL would drop the connection-lost callback.
+    cls: Callable[..., aioimaplib.IMAP4] = aioimaplib.IMAP4
+    if endpoint.proxy is not None:
+        cls = functools.partial(ProxiedAioIMAP4, proxy=endpoint.proxy)
+    return cls(
+        host=endpoint.host,
+        port=endpoint.port,
+        timeout=endpoint.timeout,
+        conn_lost_cb=on_lost,
+        ssl_context=endpoint.ssl_context,
+    )
+
+
+def enable_keepalive(client: Any) -> None:
+    """TCP keepalive on the IDLE socket: a silently dropped connection is noticed in about 25 s."""
+    transport = getattr(client.protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
 async def wait_for_new_mail(
-    target: IdleTarget,
-    access_token: str,
-    token_expires_on: float,
-    ssl_context: ssl.SSLContext,
+    endpoint: ImapEndpoint,
+    folder: str,
+    token: ExpiringToken,
     known_uidnext: int | None,
     max_idle: float = MAX_IDLE_SECONDS,
+    *,
+    probe_interval: float = PROBE_SECONDS,
+    client_factory: IdleClientFactory = aioimaplib_client,
+    clock: Callable[[], float] = time.time,
+    on_selected: Callable[[int | None], None] | None = None,
 ) -> str:
-    """Return why the wait ended: ``"push"``, ``"changed"`` (new mail before IDLE began), ``"timeout"``."""
-    client = aioimaplib.IMAP4_SSL(host=target.host, port=target.port, ssl_context=ssl_context, timeout=target.timeout)
+    """Return why the wait ended: ``"push"``, ``"changed"`` (new mail before IDLE began), ``"timeout"``.
+
+    ``on_selected(uidnext)`` is told the folder's UIDNEXT once it is selected, before IDLE begins: a
+    shared watcher (:mod:`.imap_hub`) compares it with what each waiter's last check saw.
+
+    A dead connection raises :class:`MailServerUnavailable` within seconds: the connection-lost
+    callback (resets, closes), TCP keepalive (silent drops), and every ``probe_interval`` seconds the
+    IDLE is ended and must be answered within the endpoint's timeout (a server that stopped talking).
+    """
+    lost = asyncio.Event()
+    client = client_factory(endpoint, lambda _exc: lost.set())
     try:
         await client.wait_hello_from_server()
-        response = await client.xoauth2(target.user, access_token)
+        enable_keepalive(client)
+        response = await client.xoauth2(endpoint.user, token.token)
         if response.result != "OK":
-            raise MailAuthenticationError(
-                f"IMAP login to {target.host}:{target.port} as {target.user} for IDLE failed: "
-                f"{_lines(response)[-1:] or response.result}"
-            )
+            text = " ".join(_lines(response)[-1:]) or response.result
+            cls = refusal_class(text, during_login=True)
+            raise cls(f"IMAP login to {endpoint.host}:{endpoint.port} as {endpoint.user} for IDLE failed: {text}")
         if "IDLE" not in client.protocol.capabilities:  # Exchange's greeting lists none
-            await asyncio.wait_for(client.protocol.capability(), target.timeout)
+            await asyncio.wait_for(client.protocol.capability(), endpoint.timeout)
         if "IDLE" not in client.protocol.capabilities:
-            raise IdleUnsupported(target.host)
-        selected = await client.select(quote_folder(target.folder))
+            raise IdleUnsupported(endpoint.host)
+        selected = await client.select(quote_folder(folder))
         if selected.result != "OK":
-            raise MailServerError(f"Cannot open folder {target.folder!r} for IDLE: {_lines(selected)[-1:]}")
+            raise MailServerError(f"Cannot open folder {folder!r} for IDLE: {_lines(selected)[-1:]}")
         uidnext = _uidnext(selected)
+        if on_selected is not None:
+            on_selected(uidnext)
         if known_uidnext is not None and uidnext is not None and uidnext != known_uidnext:
             return "changed"
-        budget = min(max_idle, token_expires_on - TOKEN_MARGIN_SECONDS - time.time())
-        if budget <= 0:
-            return "timeout"
-        idle = await client.idle_start(timeout=budget)
-        try:
-            while True:
-                push = await client.wait_server_push(timeout=budget + 5)
-                if push == aioimaplib.STOP_WAIT_SERVER_PUSH:
-                    return "timeout"
-                lines = push if isinstance(push, list) else [push]
-                if any(_PUSH.search(line.strip()) for line in lines if isinstance(line, bytes)):
-                    if any(b"BYE" in line for line in lines if isinstance(line, bytes)):
-                        raise MailServerError(f"IMAP server ended the IDLE session: {lines[-1]!r}")
-                    return "push"
-        finally:
-            client.idle_done()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(idle, timeout=5)
+        # The token's expiry is wall-clock time (``clock``); the wait itself runs on the loop's clock.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max_idle, token.expires_on - TOKEN_MARGIN_SECONDS - clock())
+        while True:
+            slice_ = min(probe_interval, deadline - loop.time())
+            if slice_ <= 0:
+                return "timeout"
+            if await _idle_once(client, endpoint, lost, slice_) == "push":
+                return "push"
     finally:
+        if not lost.is_set():  # a lost connection has nobody to say LOGOUT to
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.logout(), timeout=5)
+
+
+async def _idle_once(client: Any, endpoint: ImapEndpoint, lost: asyncio.Event, seconds: float) -> str:
+    """One IDLE of at most ``seconds``: ``"push"``, or ``"quiet"`` after the server answered DONE."""
+    where = f"{endpoint.host}:{endpoint.port}"
+    try:
+        idle = await asyncio.wait_for(client.idle_start(timeout=seconds), endpoint.timeout)
+    except TimeoutError:
+        raise MailServerUnavailable(
+            f"IMAP server {where} did not accept IDLE within {endpoint.timeout:.0f} s."
+        ) from None
+    reason = "quiet"
+    gone = asyncio.ensure_future(lost.wait())
+    try:
+        while True:
+            push = asyncio.ensure_future(client.wait_server_push(timeout=seconds + 5))
+            done, _ = await asyncio.wait({push, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                push.cancel()
+                raise MailServerUnavailable(f"The IDLE connection to {where} was lost; reconnecting.")
+            try:
+                lines = push.result()
+            except TimeoutError:
+                lines = aioimaplib.STOP_WAIT_SERVER_PUSH
+            if lines == aioimaplib.STOP_WAIT_SERVER_PUSH:
+                break
+            lines = lines if isinstance(lines, list) else [lines]
+            if any(_PUSH.search(line.strip()) for line in lines if isinstance(line, bytes)):
+                if any(b"BYE" in line for line in lines if isinstance(line, bytes)):
+                    raise MailServerUnavailable(f"IMAP server ended the IDLE session: {lines[-1]!r}")
+                reason = "push"
+                break
+    finally:
+        gone.cancel()
+        client.idle_done()
+    if reason == "push":
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.logout(), timeout=5)
+            await asyncio.wait_for(idle, timeout=5)
+        return reason
+    try:  # the probe: a live server answers DONE at once
+        await asyncio.wait_for(idle, endpoint.timeout)
+    except TimeoutError:
+        raise MailServerUnavailable(
+            f"IMAP server {where} did not answer DONE within {endpoint.timeout:.0f} s: the connection is dead."
+        ) from None
+    if lost.is_set():
+        raise MailServerUnavailable(f"The IDLE connection to {where} was lost; reconnecting.")
+    return reason
 
 
 def _lines(response: object) -> list[str]:
@@ -129,46 +234,55 @@ def _uidnext(response: object) -> int | None:
     return None
 
 
-def reconnect_delay(failures: int) -> float:
-    """Seconds before reconnecting after the n-th consecutive transient failure (2, 4, 8... <= 300, jittered)."""
-    return min(MAX_BACKOFF_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+#: ``wait_one(folder, token, known_uidnext)`` waits on one folder; :func:`wait_for_new_mail` by default.
+FolderWait = Callable[[str, ExpiringToken, "int | None"], Awaitable[str]]
 
 
 class MailWaiter:
-    """Waits for a change in the watched folders: IDLE per folder, or polling."""
+    """Waits for a change in the watched folders: IDLE per folder, or polling where IDLE is missing.
 
-    def __init__(self, hook: Any, spec: WatchSpec, mailbox: str | None, poll_interval: float, max_idle: float):
-        self.hook = hook
-        self.spec = spec
-        self.mailbox = mailbox
+    :param endpoint: the server, or a blocking callable returning it (resolved in a thread at the
+        first wait, so building a waiter reads no connection).
+    :param token_source: blocking; called in a thread before each wait.
+    :param wait_one: waits on one folder (tests pass a fake); default IDLE on ``endpoint``.
+    """
+
+    def __init__(
+        self,
+        endpoint: ImapEndpoint | Callable[[], ImapEndpoint],
+        token_source: TokenSource,
+        folders: Sequence[str],
+        *,
+        poll_interval: float,
+        max_idle: float = MAX_IDLE_SECONDS,
+        wait_one: FolderWait | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._endpoint = endpoint
+        self.token_source = token_source
+        self.folders = tuple(folders)
         self.poll_interval = poll_interval
         self.max_idle = max_idle
+        self._wait_one = wait_one or self._idle
+        self._sleep = sleep
         self.idle_supported: bool | None = None
 
-    async def wait(self, last: CheckResult) -> str:
+    def _resolve(self) -> tuple[ImapEndpoint, ExpiringToken]:
+        if callable(self._endpoint):
+            self._endpoint = self._endpoint()
+        return self._endpoint, self.token_source()
+
+    async def _idle(self, folder: str, token: ExpiringToken, known_uidnext: int | None) -> str:
+        return await wait_for_new_mail(self._endpoint, folder, token, known_uidnext, self.max_idle)  # type: ignore[arg-type]
+
+    async def wait(self, known_uidnext: Mapping[str, int | None]) -> str:
+        """Until a folder changes (``"push"``/``"changed"``), IDLE must be renewed (``"timeout"``) or a poll is due."""
         if self.idle_supported is False:
-            await asyncio.sleep(self.poll_interval)
+            await self._sleep(self.poll_interval)
             return "poll"
-        token = await asyncio.to_thread(self.hook.access_token)
-        settings = self.hook.settings
+        endpoint, token = await asyncio.to_thread(self._resolve)
         waits = [
-            asyncio.ensure_future(
-                wait_for_new_mail(
-                    IdleTarget(
-                        settings.imap_host,
-                        settings.imap_port,
-                        self.mailbox or settings.mailbox,
-                        folder,
-                        float(settings.timeout),
-                    ),
-                    token.token,
-                    token.expires_on,
-                    self.hook.ssl_context,
-                    last.scanned.get(folder, {}).get("uidnext"),
-                    self.max_idle,
-                )
-            )
-            for folder in self.spec.folders
+            asyncio.ensure_future(self._wait_one(folder, token, known_uidnext.get(folder))) for folder in self.folders
         ]
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -180,8 +294,8 @@ class MailWaiter:
         try:
             reason = outcome.result()
         except IdleUnsupported:
-            log.info("%s offers no IDLE: polling every %.0f s.", settings.imap_host, self.poll_interval)
+            log.info("%s offers no IDLE: polling every %.0f s.", endpoint.host, self.poll_interval)
             self.idle_supported = False
-            return await self.wait(last)
+            return await self.wait(known_uidnext)
         self.idle_supported = True
         return reason

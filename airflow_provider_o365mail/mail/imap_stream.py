@@ -9,28 +9,22 @@ handled, never here.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import email
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email import policy
 from typing import Any
 
-from airflow_provider_o365mail.mail.imap_idle import PERMANENT_ERRORS, MailWaiter, reconnect_delay
-from airflow_provider_o365mail.mail.imap_summary import FETCH_ITEMS, summarize
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.mail.watermark import FolderWatermark
+from airflow_provider_o365mail.mail.imap_idle import PERMANENT_ERRORS, RECONNECT, MailWaiter
+from airflow_provider_o365mail.mail.imap_scan import ClientFactory, ImapSession, scan_folder
+from airflow_provider_o365mail.mail.imap_summary import header_bytes
+from airflow_provider_o365mail.mail.watermark import FolderWatermark, seen_key
+from airflow_provider_o365mail.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-HEADER_ITEM = "BODY.PEEK[HEADER]"
-FETCH_CHUNK = 200
-PARKED_FIRST_SECONDS = 60.0
-PARKED_MAX_SECONDS = 1800.0
-
-
-# The stream's position is a folder watermark kept in the asset state store.
-StreamPosition = FolderWatermark
+#: A stream that cannot work until a person fixes something checks again after 1, 2, 4 ... 30 min.
+PARKED = Backoff(first=60.0, maximum=1800.0, jitter=(1.0, 1.0))
 
 
 def headers_of(raw_header: bytes | None) -> dict[str, str]:
@@ -53,65 +47,51 @@ def headers_of(raw_header: bytes | None) -> dict[str, str]:
 
 
 class FolderStream:
-    """New messages of ``folder`` after a position: ``(raw_event, payload)`` pairs, forever."""
+    """New messages of ``folder`` after a position: ``(raw_event, payload)`` pairs, forever.
 
-    def __init__(self, hook: Any, folder: str, *, mailbox: str | None, poll_interval: float, max_idle: float) -> None:
-        self.hook = hook
+    :param open_client: opens a logged-in IMAPClient (short reads run in a worker thread).
+    :param waiter: waits for the folder to change between reads.
+    :param retry: waits between attempts after transient failures; ``parked``: after permanent ones.
+    """
+
+    def __init__(
+        self,
+        open_client: ClientFactory,
+        waiter: MailWaiter,
+        folder: str,
+        *,
+        retry: Backoff = RECONNECT,
+        parked: Backoff = PARKED,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.open_client = open_client
+        self.waiter = waiter
         self.folder = folder
-        self.mailbox = mailbox
-        self.waiter = MailWaiter(hook, WatchSpec(folders=(folder,)), mailbox, poll_interval, max_idle)
-        self.read_position: StreamPosition | None = None
+        self.retry = retry
+        self.parked = parked
+        self._sleep = sleep
+        self.read_position: FolderWatermark | None = None
 
     # ------------------------------------------------------------------ sync part (worker thread)
     def read_new(self) -> tuple[list[dict[str, Any]], int]:
         """Messages after the read position (oldest first) and the folder's UIDNEXT."""
-        with self.hook.imap_client(self.mailbox) as client:
-            selected = client.select_folder(self.folder, readonly=True)
-            uidvalidity = int(selected[b"UIDVALIDITY"])
-            uidnext = int(selected.get(b"UIDNEXT", 0) or 0)
-            position = self.read_position
-            if position is None:  # first start ever: from now on
-                self.read_position = StreamPosition(uidvalidity, max(0, uidnext - 1))
-                return [], uidnext
-            if position.uidvalidity != uidvalidity:
-                since = dt.date.fromtimestamp(position.updated_at or 0) - dt.timedelta(days=1)
-                log.warning(
-                    "UIDVALIDITY of %s changed (%s -> %s); rescanning since %s, skipping Message-IDs already seen.",
-                    self.folder,
-                    position.uidvalidity,
-                    uidvalidity,
-                    since,
-                )
-                uids = sorted(client.search([b"SINCE", since]))
-                floor = 0
-            else:
-                floor = position.last_uid
-                uids = sorted(u for u in client.search([b"UID", f"{floor + 1}:*".encode()]) if u > floor)
-            seen = set(position.seen_message_ids)
-            events = []
-            for start in range(0, len(uids), FETCH_CHUNK):
-                chunk = uids[start : start + FETCH_CHUNK]
-                fetched = client.fetch(chunk, [*FETCH_ITEMS, HEADER_ITEM])
-                for uid in chunk:
-                    data = fetched.get(uid)
-                    if data is None:
-                        continue
-                    summary = summarize(self.folder, uidvalidity, uid, data)
-                    if summary["message_id"] and summary["message_id"] in seen:
-                        continue
-                    header_key = next((k for k in data if k.startswith(b"BODY[HEADER")), None)
-                    events.append({"summary": summary, "headers": headers_of(data.get(header_key))})
-            last = max([floor, *uids]) if uids else floor
-            self.read_position = StreamPosition(uidvalidity, last, position.seen_message_ids, position.updated_at)
-            return events, uidnext
+        position = self.read_position
+        with ImapSession(self.open_client) as session:
+            scan = scan_folder(session, self.folder, position, from_now_on=True)
+        events = [
+            {"summary": message.summary, "headers": headers_of(header_bytes(message.data))} for message in scan.messages
+        ]
+        seen, updated_at = (position.seen_keys, position.updated_at) if position else ([], 0.0)
+        self.read_position = FolderWatermark(scan.uidvalidity, scan.high_uid, seen, updated_at)
+        return events, scan.uidnext
 
     # ------------------------------------------------------------------ async part
     async def events(
         self,
-        start: StreamPosition | None,
+        start: FolderWatermark | None,
         *,
         name: str = "",
-        on_first_position: Callable[[StreamPosition], Awaitable[None]] | None = None,
+        on_first_position: Callable[[FolderWatermark], Awaitable[None]] | None = None,
     ) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any]]]:
         """``on_first_position`` persists where a stream without a stored position begins (before any yield)."""
         self.read_position = start
@@ -143,26 +123,27 @@ class FolderStream:
                             "uidvalidity": summary["uidvalidity"],
                             "uid": summary["uid"],
                             "message_id": summary["message_id"],
+                            "seen_key": seen_key(summary),
                         },
                     )
-                await self.waiter.wait(CheckResult(scanned={self.folder: {"uidnext": uidnext}}))
+                await self.waiter.wait({self.folder: uidnext})
             except PERMANENT_ERRORS as err:
                 # Raising would fail the watcher, and Airflow restarts failed watchers within seconds: an
                 # endless loop. Report once, then check again rarely until someone fixes the cause.
                 parked += 1
-                delay = min(PARKED_MAX_SECONDS, PARKED_FIRST_SECONDS * 2 ** (parked - 1))
+                delay = self.parked.delay(parked)
                 if parked == 1:
                     log.error("Watching %s stopped: %s Next check in %.0f s.", name or self.folder, err, delay)
                 else:
                     log.warning(
                         "Watching %s: still %s; next check in %.0f s.", name or self.folder, type(err).__name__, delay
                     )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 continue
             except Exception as err:  # dropped connection, timeouts, 5xx
                 failures += 1
-                delay = reconnect_delay(failures)
+                delay = self.retry.delay(failures)
                 log.warning(
                     "Reading %s failed (%s: %s); retrying in %.0f s.", self.folder, type(err).__name__, err, delay
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)

@@ -1,4 +1,4 @@
-"""Message summaries from IMAP FETCH data (ENVELOPE, BODYSTRUCTURE, size, flags): no I/O.
+"""Message summaries from IMAP FETCH data (header, BODYSTRUCTURE, size, flags): no I/O.
 
 Summaries are what the sensor pushes to XCom and the event trigger puts in asset events, so they
 are plain JSON. Mail is hostile input: every field is decoded defensively and a malformed part
@@ -10,11 +10,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import email.header
+import email.policy
 import email.utils
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-FETCH_ITEMS = ["UID", "ENVELOPE", "BODYSTRUCTURE", "RFC822.SIZE", "FLAGS", "INTERNALDATE"]
+#: The first this many bytes of a message's header are read; what lies beyond is not matched or shown.
+HEADER_BYTES = 65536
+HEADER_ITEM = f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"
+#: What a summary needs, every item bounded: no response line or literal grows with the message
+#: (ENVELOPE would carry a 100 MB Subject whole). BODYSTRUCTURE is fetched apart (see imap_scan).
+FETCH_ITEMS = ["UID", "RFC822.SIZE", "FLAGS", "INTERNALDATE", HEADER_ITEM]
 MAX_TEXT = 998
 
 
@@ -177,27 +183,85 @@ def attachments_of(body: Any) -> list[dict[str, Any]]:
     return found
 
 
+def header_bytes(data: Mapping[bytes, Any]) -> bytes | None:
+    """The (partial) header a FETCH returned, whatever key the server's answer used."""
+    for key, value in data.items():
+        if isinstance(key, bytes) and key.startswith(b"BODY[HEADER") and isinstance(value, bytes):
+            return value
+    return None
+
+
+def _header_fields(raw: bytes | None) -> dict[str, Any]:
+    """From/To/Cc/Subject/Date/Message-ID out of raw header bytes, as ENVELOPE would give them; never raises."""
+    if not raw:
+        return {}
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    except Exception:
+        return {}
+
+    def addresses(name: str) -> list[str]:
+        try:
+            pairs = email.utils.getaddresses([str(v) for v in message.get_all(name) or []])
+        except Exception:
+            return []
+        found = []
+        for display, addr in pairs:
+            if not addr:
+                continue
+            display = _text(display)
+            try:
+                found.append(email.utils.formataddr((display, addr)) if display else addr)
+            except (UnicodeError, ValueError):
+                found.append(f'"{display}" <{addr}>')
+        return found
+
+    date = None
+    with contextlib.suppress(Exception):
+        date = email.utils.parsedate_to_datetime(str(message.get("Date")))
+    return {
+        "message_id": _text(message.get("Message-ID")) or None,
+        "from": addresses("From"),
+        "to": addresses("To"),
+        "cc": addresses("Cc"),
+        "subject": _text(message.get("Subject")),
+        "date": date,
+    }
+
+
 def summarize(folder: str, uidvalidity: int, uid: int, data: Mapping[bytes, Any]) -> dict[str, Any]:
     """One message as JSON: folder, uid, uidvalidity, message_id, from, to, cc, subject, date, size,
-    flags, attachments."""
+    flags, attachments. The fields come from ENVELOPE when the server sent one, else from the header."""
     envelope = data.get(b"ENVELOPE")
+    if envelope is not None:
 
-    def env(field: str) -> Any:
-        return getattr(envelope, field, None) if envelope is not None else None
+        def env(field: str) -> Any:
+            return getattr(envelope, field, None)
 
-    from_list = _addresses(env("from_"))
+        from_list = _addresses(env("from_"))
+        fields = {
+            "message_id": _text(env("message_id")) or None,
+            "from": from_list,
+            "to": _addresses(env("to")),
+            "cc": _addresses(env("cc")),
+            "subject": _text(env("subject")),
+            "date": env("date"),
+        }
+    else:
+        fields = _header_fields(header_bytes(data))
+    from_list = fields.get("from") or []
     flags = data.get(b"FLAGS") or ()
     size = data.get(b"RFC822.SIZE")
     return {
         "folder": folder,
         "uid": int(uid),
         "uidvalidity": int(uidvalidity),
-        "message_id": _text(env("message_id")) or None,
+        "message_id": fields.get("message_id"),
         "from": from_list[0] if from_list else None,
-        "to": _addresses(env("to")),
-        "cc": _addresses(env("cc")),
-        "subject": _text(env("subject")),
-        "date": _iso(env("date")) or _iso(data.get(b"INTERNALDATE")),
+        "to": fields.get("to") or [],
+        "cc": fields.get("cc") or [],
+        "subject": fields.get("subject") or "",
+        "date": _iso(fields.get("date")) or _iso(data.get(b"INTERNALDATE")),
         "received": _iso(data.get(b"INTERNALDATE")),
         "size": int(size) if isinstance(size, int) else None,
         "flags": [_text(f) for f in flags] if isinstance(flags, (list, tuple)) else [],

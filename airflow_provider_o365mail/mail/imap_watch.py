@@ -4,28 +4,25 @@ Shared by the sensor (poke and reschedule), its deferrable trigger and the event
 matters: a trigger only checks; whoever persists the result (the worker after the trigger fired,
 Airflow after the asset events are stored) commits, so a crash in between loses nothing.
 
-A check costs little when nothing is new: with a watermark, one ``STATUS (UIDNEXT UIDVALIDITY)``
-per folder answers "nothing above the last UID" without selecting the folder; otherwise
-``UID SEARCH <last+1>:* <criteria>`` runs on the server and only ENVELOPE/BODYSTRUCTURE of the
-hits are fetched, never bodies.
+A check costs little when nothing is new (see :mod:`.imap_scan`, shared with the event stream):
+with a watermark, one ``STATUS (UIDNEXT UIDVALIDITY)`` per folder answers "nothing above the last
+UID" without selecting the folder; otherwise ``UID SEARCH <last+1>:* <criteria>`` runs on the
+server and only ENVELOPE/BODYSTRUCTURE of the hits are fetched, never bodies.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_o365mail.exceptions import MailServerError
-from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, CriteriaError, MailCriteria
-from airflow_provider_o365mail.mail.imap_summary import FETCH_ITEMS, summarize
-from airflow_provider_o365mail.mail.watermark import FolderWatermark, WatermarkStore
+from airflow_provider_o365mail.exceptions import CriteriaError
+from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, MailCriteria
+from airflow_provider_o365mail.mail.imap_scan import ImapSession, scan_folder, select
+from airflow_provider_o365mail.mail.watermark import FolderWatermark, WatermarkStore, seen_key
 
 log = logging.getLogger(__name__)
-
-FETCH_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -100,69 +97,38 @@ class CheckResult:
         return cls(messages=list(data.get("messages", [])), scanned=dict(data.get("scanned", {})))
 
 
-def _select(client: Any, folder: str, *, readonly: bool) -> dict[bytes, Any]:
-    try:
-        return client.select_folder(folder, readonly=readonly)
-    except Exception as err:
-        raise MailServerError(
-            f"Cannot open folder {folder!r}: {err}. Check the name (Exchange shows localized names such as "
-            "'Posteingang' in the UI but IMAP uses INBOX) and that the signed-in user may open it."
-        ) from None
+def check(
+    session: ImapSession, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None
+) -> CheckResult:
+    """Find matching messages; change nothing on the server.
 
-
-def check(client: Any, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None) -> CheckResult:
-    """Find matching messages; change nothing on the server."""
+    A message summarised without its structure (``"unparsed"``) matches criteria about attachments
+    only if it cannot be told: it is skipped when the spec asks about attachments, reported otherwise.
+    """
     watermarks = watermarks or {}
     candidates: list[dict[str, Any]] = []
     scanned: dict[str, dict[str, int]] = {}
     charset = "UTF-8" if spec.criteria.needs_utf8() else None
     for folder in spec.folders:
-        mark = watermarks.get(folder) if spec.new_only else None
-        if mark is not None:
-            status = client.folder_status(folder, [b"UIDNEXT", b"UIDVALIDITY"])
-            if int(status[b"UIDVALIDITY"]) == mark.uidvalidity and int(status[b"UIDNEXT"]) - 1 <= mark.last_uid:
-                scanned[folder] = {
-                    "uidvalidity": mark.uidvalidity,
-                    "high_uid": mark.last_uid,
-                    "uidnext": int(status[b"UIDNEXT"]),
-                }
-                continue
-        selected = _select(client, folder, readonly=True)
-        uidvalidity = int(selected[b"UIDVALIDITY"])
-        uidnext = int(selected.get(b"UIDNEXT", 0) or 0)
-        keys = spec.criteria.search_keys()
-        floor_uid = 0
-        if mark is not None and mark.uidvalidity == uidvalidity:
-            floor_uid = mark.last_uid
-            keys = [b"UID", f"{floor_uid + 1}:*".encode(), *([] if keys == [b"ALL"] else keys)]
-        elif mark is not None:
-            log.warning(
-                "UIDVALIDITY of %s changed (%s -> %s): the folder was recreated or moved; rescanning since %s and "
-                "skipping messages already reported (by Message-ID).",
-                folder,
-                mark.uidvalidity,
-                uidvalidity,
-                dt.date.fromtimestamp(mark.updated_at) - dt.timedelta(days=1),
-            )
-            since = dt.date.fromtimestamp(mark.updated_at or 0) - dt.timedelta(days=1)
-            keys = [*([] if keys == [b"ALL"] else keys), b"SINCE", since] if mark.updated_at else keys
-        uids = sorted(uid for uid in client.search(keys, charset) if uid > floor_uid)
-        high_uid = max([uidnext - 1, floor_uid, *uids[-1:]])
-        seen_ids = set(mark.seen_message_ids) if mark is not None else set()
-        for start in range(0, len(uids), FETCH_CHUNK):
-            chunk = uids[start : start + FETCH_CHUNK]
-            fetched = client.fetch(chunk, FETCH_ITEMS)
-            for uid in chunk:
-                data = fetched.get(uid)
-                if data is None:  # expunged meanwhile
-                    continue
-                summary = summarize(folder, uidvalidity, uid, data)
-                if spec.new_only and summary["message_id"] and summary["message_id"] in seen_ids:
-                    continue
-                if not spec.criteria.attachments_match(summary["attachments"]):
-                    continue
+        scan = scan_folder(
+            session,
+            folder,
+            watermarks.get(folder) if spec.new_only else None,
+            search_keys=spec.criteria.search_keys(),
+            charset=charset,
+        )
+        for message in scan.messages:
+            summary = message.summary
+            if summary.get("unparsed") and spec.criteria.needs_bodystructure:
+                log.warning(
+                    "%s UID %s (%s) is skipped: its attachments cannot be read, and the criteria ask about them.",
+                    folder,
+                    summary["uid"],
+                    summary["message_id"],
+                )
+            elif spec.criteria.attachments_match(summary["attachments"]):
                 candidates.append(summary)
-        scanned[folder] = {"uidvalidity": uidvalidity, "high_uid": high_uid, "uidnext": uidnext}
+        scanned[folder] = scan.progress()
     return _capped(candidates, scanned, spec.max_messages)
 
 
@@ -175,16 +141,29 @@ def _capped(candidates: list[dict[str, Any]], scanned: dict[str, dict[str, int]]
 
 
 def commit(client: Any, spec: WatchSpec, result: CheckResult, store: WatermarkStore | None) -> None:
-    """Apply the post-action to the reported messages, then advance the watermarks."""
+    """Apply the post-action to the reported messages, then advance the watermarks (at once)."""
     if spec.post_action:
         _post_action(client, spec, result)
     if spec.new_only and store is not None:
-        watermarks = store.load()
-        for folder, scan in result.scanned.items():
-            ids = [m["message_id"] for m in result.messages if m["folder"] == folder and m["message_id"]]
-            previous = watermarks.get(folder) or FolderWatermark(uidvalidity=scan["uidvalidity"], last_uid=0)
-            watermarks[folder] = previous.advanced(scan["uidvalidity"], scan["high_uid"], ids)
-        store.save(watermarks)
+        state = store.load_state()
+        state.watermarks = advanced(state.watermarks, result)
+        store.save_state(state)
+
+
+def apply_post_action(client: Any, spec: WatchSpec, result: CheckResult) -> None:
+    """The post-action alone (the sensor's confirmation step advances the watermark itself)."""
+    if spec.post_action and result.messages:
+        _post_action(client, spec, result)
+
+
+def advanced(watermarks: Mapping[str, FolderWatermark], result: CheckResult) -> dict[str, FolderWatermark]:
+    """The watermarks past what ``result`` scanned (pure)."""
+    marks = dict(watermarks)
+    for folder, scan in result.scanned.items():
+        keys = [seen_key(m) for m in result.messages if m["folder"] == folder]
+        previous = marks.get(folder) or FolderWatermark(uidvalidity=scan["uidvalidity"], last_uid=0)
+        marks[folder] = previous.advanced(scan["uidvalidity"], scan["high_uid"], keys)
+    return marks
 
 
 def _post_action(client: Any, spec: WatchSpec, result: CheckResult) -> None:
@@ -192,7 +171,7 @@ def _post_action(client: Any, spec: WatchSpec, result: CheckResult) -> None:
     for message in result.messages:
         by_folder.setdefault(message["folder"], []).append(message)
     for folder, messages in by_folder.items():
-        selected = _select(client, folder, readonly=False)
+        selected = select(client, folder, readonly=False)
         uidvalidity = int(selected[b"UIDVALIDITY"])
         uids = [m["uid"] for m in messages if m["uidvalidity"] == uidvalidity]
         if len(uids) != len(messages):

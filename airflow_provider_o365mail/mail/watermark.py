@@ -2,8 +2,9 @@
 
 IMAP guarantees that (folder, UIDVALIDITY, UID) never names another message, so "everything
 above the last UID" is exactly the new mail, until UIDVALIDITY changes (folder recreated,
-mailbox moved): then UIDs mean nothing and the recent Message-IDs prevent repeats. Exchange may
-also give an edited message a new UID; the Message-IDs catch that too.
+mailbox moved): then UIDs mean nothing and the keys (Message-ID and size) of recently reported
+messages prevent repeats. They are used for that rescan only: a new message that reuses a
+Message-ID in the same folder generation is a new UID, and is reported.
 
 Sensors keep watermarks in an Airflow Variable (reachable from workers, the triggerer and the
 CLI); the event trigger keeps them in the asset state store (Airflow >= 3.3).
@@ -18,29 +19,42 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from airflow_provider_o365mail.auth.store import VariableBackend, default_backend
+from airflow_provider_o365mail.runtime import VariableBackend, default_variables
 
 SEEN_IDS_KEPT = 2000
+#: Open reservations kept per watch (one per task instance whose success was not seen yet).
+RESERVATIONS_KEPT = 200
 WATERMARK_DESCRIPTION = "airflow-provider-o365mail: IMAP watermark (folder UIDVALIDITY and last UID)"
+
+
+def seen_key(summary: dict[str, Any]) -> str | None:
+    """What identifies a message across a UIDVALIDITY change (its UID does not): Message-ID and size.
+
+    The sender chooses the Message-ID, so it alone would let a different message that reuses one be
+    dropped; the key is only consulted after a UIDVALIDITY change, when UIDs mean nothing.
+    """
+    message_id = summary.get("message_id")
+    return f"{message_id}|{summary.get('size')}" if message_id else None
 
 
 @dataclass
 class FolderWatermark:
     uidvalidity: int
     last_uid: int
-    seen_message_ids: list[str] = field(default_factory=list)
+    seen_keys: list[str] = field(default_factory=list)
     updated_at: float = 0.0
 
     def advanced(
-        self, uidvalidity: int, high_uid: int, message_ids: Iterable[str], now: float | None = None
+        self, uidvalidity: int, high_uid: int, seen_keys: Iterable[str | None], now: float | None = None
     ) -> FolderWatermark:
-        """Past ``high_uid``; Message-IDs are kept across UIDVALIDITY changes (they dedupe the rescan)."""
+        """Past ``high_uid``; the :func:`seen_key` of reported messages are kept across UIDVALIDITY changes
+        (they de-duplicate the rescan after one, and only that)."""
         same_folder = uidvalidity == self.uidvalidity
-        seen = [*self.seen_message_ids, *(m for m in message_ids if m)]
+        seen = [*self.seen_keys, *(m for m in seen_keys if m)]
         return FolderWatermark(
             uidvalidity=uidvalidity,
             last_uid=max(high_uid, self.last_uid) if same_folder else high_uid,
-            seen_message_ids=list(dict.fromkeys(reversed(seen)))[:SEEN_IDS_KEPT][::-1],
+            seen_keys=list(dict.fromkeys(reversed(seen)))[:SEEN_IDS_KEPT][::-1],
             updated_at=time.time() if now is None else now,
         )
 
@@ -51,29 +65,104 @@ class FolderWatermark:
     def from_dict(cls, data: Any) -> FolderWatermark | None:
         if not isinstance(data, dict) or "uidvalidity" not in data:
             return None
+        # Watermarks written before 0.2 kept bare Message-IDs under "seen_message_ids".
+        keys = data.get("seen_keys", data.get("seen_message_ids", []))
         return cls(
             uidvalidity=int(data["uidvalidity"]),
             last_uid=int(data["last_uid"]),
-            seen_message_ids=[str(m) for m in data.get("seen_message_ids", [])][-SEEN_IDS_KEPT:],
+            seen_keys=[str(m) for m in keys][-SEEN_IDS_KEPT:],
             updated_at=float(data.get("updated_at", 0.0)),
         )
 
 
+@dataclass
+class Reservation:
+    """Messages one task instance reported whose delivery is not known to be durable yet.
+
+    The sensor returns them (XCom) but applies the post-action and advances the watermark only once
+    Airflow recorded that task instance as successful, seen by a later poke of the same watch.
+    """
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    messages: list[dict[str, Any]]
+    scanned: dict[str, dict[str, int]]
+    reserved_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return task_key(self.dag_id, self.run_id, self.task_id, self.map_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Reservation | None:
+        try:
+            return cls(
+                dag_id=str(data["dag_id"]),
+                run_id=str(data["run_id"]),
+                task_id=str(data["task_id"]),
+                map_index=int(data.get("map_index", -1)),
+                messages=list(data.get("messages") or []),
+                scanned=dict(data.get("scanned") or {}),
+                reserved_at=float(data.get("reserved_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def task_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    return f"{dag_id}|{run_id}|{task_id}|{map_index}"
+
+
+@dataclass
+class WatchState:
+    """Everything one watch keeps: per-folder watermarks and the open reservations (one Variable, one write)."""
+
+    watermarks: dict[str, FolderWatermark] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+
+    def reserve(self, reservation: Reservation) -> None:
+        self.reservations[reservation.key] = reservation
+        while len(self.reservations) > RESERVATIONS_KEPT:  # oldest first; its messages stay unconfirmed
+            del self.reservations[min(self.reservations.values(), key=lambda r: r.reserved_at).key]
+
+
 class WatermarkStore(Protocol):
     def load(self) -> dict[str, FolderWatermark]: ...
-    def save(self, watermarks: dict[str, FolderWatermark]) -> None: ...
+    def load_state(self) -> WatchState: ...
+    def save(self, watermarks: dict[str, FolderWatermark]) -> None:
+        """Replace the watermarks (open reservations are kept)."""
+        state = self.load_state()
+        state.watermarks = dict(watermarks)
+        self.save_state(state)
+
+    def save_state(self, state: WatchState) -> None: ...
 
 
-def _decode(raw: str | None) -> dict[str, FolderWatermark]:
+def _decode(raw: str | None) -> WatchState:
     if not raw:
-        return {}
+        return WatchState()
     data = json.loads(raw)
     folders = {folder: FolderWatermark.from_dict(values) for folder, values in data.get("folders", {}).items()}
-    return {folder: mark for folder, mark in folders.items() if mark is not None}
+    reservations = [Reservation.from_dict(r) for r in (data.get("reservations") or {}).values()]
+    return WatchState(
+        watermarks={folder: mark for folder, mark in folders.items() if mark is not None},
+        reservations={r.key: r for r in reservations if r is not None},
+    )
 
 
-def _encode(watermarks: dict[str, FolderWatermark]) -> str:
-    return json.dumps({"version": 1, "folders": {f: w.to_dict() for f, w in watermarks.items()}})
+def _encode(state: WatchState) -> str:
+    return json.dumps(
+        {
+            "version": 1,
+            "folders": {f: w.to_dict() for f, w in state.watermarks.items()},
+            "reservations": {k: r.to_dict() for k, r in state.reservations.items()},
+        }
+    )
 
 
 def variable_key(conn_id: str, watch_id: str, mailbox: str | None = None) -> str:
@@ -93,11 +182,20 @@ class VariableWatermarkStore:
     @property
     def backend(self) -> VariableBackend:
         if self._backend is None:
-            self._backend = default_backend()
+            self._backend = default_variables()
         return self._backend
 
     def load(self) -> dict[str, FolderWatermark]:
+        return self.load_state().watermarks
+
+    def load_state(self) -> WatchState:
         return _decode(self.backend.get(self.key))
 
     def save(self, watermarks: dict[str, FolderWatermark]) -> None:
-        self.backend.set(self.key, _encode(watermarks), description=WATERMARK_DESCRIPTION)
+        """Replace the watermarks (open reservations are kept)."""
+        state = self.load_state()
+        state.watermarks = dict(watermarks)
+        self.save_state(state)
+
+    def save_state(self, state: WatchState) -> None:
+        self.backend.set(self.key, _encode(state), description=WATERMARK_DESCRIPTION)

@@ -10,6 +10,7 @@ from airflow.sdk import BaseNotifier
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.mail.message_ids import TaskIdentity
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -80,8 +81,10 @@ class O365EmailNotifier(BaseNotifier):
         self.custom_headers = custom_headers
         self.mime_charset = mime_charset
 
-    def _send(self) -> str:
+    def _send(self, context: Context) -> str:
         return O365MailHook(self.conn_id).send_email(
+            identity=_identity(context),
+            scope=_scope(context),
             to=self.to,
             subject=" ".join(str(self.subject).split()),
             html_content=self.html_content,
@@ -95,15 +98,27 @@ class O365EmailNotifier(BaseNotifier):
         )
 
     def notify(self, context: Context) -> None:
-        message_id = self._send()
+        message_id = self._send(context)
         self.log.info("Notification mail %s sent through connection %s.", message_id, self.conn_id)
 
     async def async_notify(self, context: Context) -> None:
         # SMTP, the token store and Variable access are blocking: keep them off the triggerer's loop.
         from asgiref.sync import sync_to_async
 
-        message_id = await sync_to_async(self._send)()
+        message_id = await sync_to_async(self._send)(context)
         self.log.info("Notification mail %s sent through connection %s.", message_id, self.conn_id)
+
+
+def _identity(context: Context) -> TaskIdentity | None:
+    ti = context.get("ti") or context.get("task_instance")
+    return TaskIdentity.of(ti) if ti is not None and getattr(ti, "run_id", None) else None
+
+
+def _scope(context: Context) -> str:
+    """One notification per event: the same callback run twice for one try and state sends one message."""
+    ti = context.get("ti") or context.get("task_instance")
+    state = getattr(ti, "state", None) or context.get("reason") or ""
+    return f"notify:{getattr(ti, 'try_number', '')}:{state}"
 
 
 send_o365_notification = O365EmailNotifier

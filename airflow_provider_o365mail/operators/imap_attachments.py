@@ -51,7 +51,7 @@ class O365ImapAttachmentOperator(BaseOperator):
     :param overwrite: replace existing files instead of choosing a new name.
     :param conn_id: the ``o365mail`` connection.
     :param mailbox: the mailbox the messages are in, if not the connection's (shared mailbox). (templated)
-    :return: the written paths (strings).
+    Pushes to XCom the written paths (strings).
     """
 
     template_fields: Sequence[str] = ("messages", "target_dir", "attachment_name", "mailbox")

@@ -10,6 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.exceptions import MessageCompositionError
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.mail.message_ids import TaskIdentity
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -27,6 +28,7 @@ MESSAGE_FIELDS = (
     "reply_to",
     "from_email",
     "custom_headers",
+    "message_id",
     "mime_charset",
 )
 
@@ -50,12 +52,21 @@ class O365SmtpOperator(BaseOperator):
     :param from_email: From address; default the connection's mailbox. Another address needs Send As
         permission on it (shared mailbox). (templated)
     :param custom_headers: extra headers ``{name: value}``. (templated)
+    :param message_id: your own Message-ID (``<id@domain>``); default one derived from the task instance
+        and the message's position in the batch, the same on every try. (templated)
     :param mime_charset: charset of the bodies (default utf-8).
     :param messages: a list of message dicts sent over one session; the operator then returns a list. (templated)
     :param fail_on_refused_recipients: fail the task (without retries: the others already got the mail)
         when the server refuses a recipient permanently. False: log a warning and go on.
     :param max_send_attempts: attempts per message for temporary SMTP failures (4xx, dropped session).
-    :return: the Message-ID (or, with ``messages``, the list of Message-IDs), pushed to XCom.
+    :param sent_items_wait: seconds to wait for the Sent Items copy of a message whose outcome is
+        unknown (a lost reply, or an earlier try killed while sending it) before sending it again;
+        default 30 (Exchange's copy can lag).
+    Pushes to XCom the Message-ID (or, with ``messages``, the list of Message-IDs).
+
+    Exactly once (see docs/sending.md): every message is checked before the first is sent, then
+    built and sent one at a time; a retry of the task skips the messages an earlier try sent
+    (send ledger) and returns their Message-IDs.
     """
 
     template_fields: Sequence[str] = (*MESSAGE_FIELDS[:-1], "messages")
@@ -77,11 +88,13 @@ class O365SmtpOperator(BaseOperator):
         reply_to: str | Sequence[str] | None = None,
         from_email: str | None = None,
         custom_headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
         mime_charset: str = "utf-8",
         messages: Sequence[Mapping[str, Any]] | None = None,
         conn_id: str = DEFAULT_CONN_ID,
         fail_on_refused_recipients: bool = True,
         max_send_attempts: int = 5,
+        sent_items_wait: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,16 +109,19 @@ class O365SmtpOperator(BaseOperator):
         self.reply_to = reply_to
         self.from_email = from_email
         self.custom_headers = custom_headers
+        self.message_id = message_id
         self.mime_charset = mime_charset
         self.messages = messages
         self.conn_id = conn_id
         self.fail_on_refused_recipients = fail_on_refused_recipients
         self.max_send_attempts = max_send_attempts
+        self.sent_items_wait = sent_items_wait
 
     def _message_specs(self) -> list[dict[str, Any]]:
         defaults = {name: getattr(self, name) for name in MESSAGE_FIELDS}
         if self.messages is None:
             return [defaults]
+        defaults["message_id"] = None  # one Message-ID cannot name several messages
         if isinstance(self.messages, (str, bytes)) or not isinstance(self.messages, Sequence):
             raise MessageCompositionError("messages must be a list of dicts (one per message).")
         specs = []
@@ -122,10 +138,18 @@ class O365SmtpOperator(BaseOperator):
 
     def execute(self, context: Context) -> str | list[str]:
         hook = O365MailHook(self.conn_id)
-        # Build every message first: a bad address in message 7 must not leave 1-6 sent.
-        outgoing = [hook.compose(**spec) for spec in self._message_specs()]
+        ti = context.get("ti")
+        # Outside a task run (execute() called directly) there is no task instance to be stable for.
+        identity = TaskIdentity.of(ti) if ti is not None else None
+        # Check every message first (a bad address in message 7 must not leave 1-6 sent), but build
+        # each one only when it is sent: memory holds one message whatever the batch's size.
+        planned = hook.plan(self._message_specs(), identity)
         results = hook.send_messages(
-            outgoing, raise_on_refused=self.fail_on_refused_recipients, max_attempts=self.max_send_attempts
+            planned,
+            identity=identity,
+            raise_on_refused=self.fail_on_refused_recipients,
+            max_attempts=self.max_send_attempts,
+            **({} if self.sent_items_wait is None else {"sent_items_wait": float(self.sent_items_wait)}),
         )
         for result in results:
             for address, (_, reply) in result.refused.items():

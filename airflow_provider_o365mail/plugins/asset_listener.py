@@ -3,8 +3,8 @@
 The shared-stream ack (``advance``) reaches the trigger one state sync after Airflow stored the
 events; a triggerer killed in between would report those messages again after its restart. This
 listener runs in the triggerer's supervisor while the asset event is being stored and adds the
-message's ID to the asset's state (key ``o365mail_emitted``) in the same database session, so the
-record exists exactly when the event does. The event trigger skips recorded IDs on restart.
+message's identity (folder, UIDVALIDITY, UID) to the asset's state (key ``o365mail_emitted``) in the same database session, so the
+record exists exactly when the event does. The event trigger skips recorded messages on restart.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from typing import Any
 
 from airflow.listeners import hookimpl
 
-log = logging.getLogger(__name__)
+from airflow_provider_o365mail.event_state import EMITTED_KEPT, EMITTED_KEY, SOURCE_MARKER, emitted_id
 
-EMITTED_KEY = "o365mail_emitted"
-EMITTED_KEPT = 5000
-SOURCE_MARKER = "o365mail_imap"
+log = logging.getLogger(__name__)
 
 
 def _payload(asset_event: Any) -> dict | None:
@@ -33,7 +31,7 @@ def _payload(asset_event: Any) -> dict | None:
 @hookimpl
 def on_asset_event_emitted(asset_event: Any) -> None:
     payload = _payload(asset_event)
-    if payload is None or not payload.get("message_id"):
+    if payload is None or emitted_id(payload) is None:
         return
     try:
         from airflow import settings
@@ -50,7 +48,7 @@ def on_asset_event_emitted(asset_event: Any) -> None:
             return
         row = session.get(AssetStateStoreModel, (asset_id, EMITTED_KEY))
         emitted = json.loads(row.value) if row is not None else []
-        emitted = [*emitted, payload["message_id"]][-EMITTED_KEPT:]
+        emitted = [*emitted, emitted_id(payload)][-EMITTED_KEPT:]
         if row is None:
             session.add(
                 AssetStateStoreModel(

@@ -2,7 +2,8 @@
 
 A flow (MSAL's dict with state, nonce and the PKCE verifier) is encrypted with the token-store
 key and stored in a Variable named after a hash of its state. It expires after 10 minutes, is
-bound to the Airflow user who started it and can be consumed once: the row is deleted, and only
+bound to the Airflow user who started it (checked with :func:`peek_flow` before the flow is
+used up) and can be consumed once: the row is deleted, and only
 the request whose DELETE removed it may use it.
 """
 
@@ -49,21 +50,7 @@ def save_flow(pending: PendingFlow, *, session: Any) -> None:
     session.flush()
 
 
-def consume_flow(state: str, *, session: Any) -> PendingFlow:
-    """Return and delete the flow for ``state``; refuse unknown, used, expired or tampered states."""
-    from airflow.models.variable import Variable
-
-    if not state or len(state) > 512:
-        raise InvalidRequestError(_REFUSED.format(reason="the response carries no valid state"))
-    key = _key(state)
-    row = session.query(Variable).filter(Variable.key == key).one_or_none()
-    if row is None:
-        raise InvalidRequestError(_REFUSED.format(reason="this sign-in is unknown or was already used"))
-    encrypted = row.val
-    deleted = session.query(Variable).filter(Variable.key == key).delete(synchronize_session=False)
-    session.flush()
-    if deleted != 1:
-        raise InvalidRequestError(_REFUSED.format(reason="this sign-in was already used"))
+def _decode(state: str, encrypted: str) -> PendingFlow:
     try:
         data = json.loads(crypto.decrypt(crypto.load_cipher(), encrypted, "consent flow"))
     except Exception:
@@ -74,6 +61,38 @@ def consume_flow(state: str, *, session: Any) -> PendingFlow:
     if time.time() - pending.created_at > FLOW_TTL_SECONDS:
         raise InvalidRequestError(_REFUSED.format(reason="the sign-in took longer than 10 minutes"))
     return pending
+
+
+def _checked_key(state: str) -> str:
+    if not state or len(state) > 512:
+        raise InvalidRequestError(_REFUSED.format(reason="the response carries no valid state"))
+    return _key(state)
+
+
+def peek_flow(state: str, *, session: Any) -> PendingFlow:
+    """The flow for ``state`` without using it up (to check who may finish it first)."""
+    from airflow.models.variable import Variable
+
+    row = session.query(Variable).filter(Variable.key == _checked_key(state)).one_or_none()
+    if row is None:
+        raise InvalidRequestError(_REFUSED.format(reason="this sign-in is unknown or was already used"))
+    return _decode(state, row.val)
+
+
+def consume_flow(state: str, *, session: Any) -> PendingFlow:
+    """Return and delete the flow for ``state``; refuse unknown, used, expired or tampered states."""
+    from airflow.models.variable import Variable
+
+    key = _checked_key(state)
+    row = session.query(Variable).filter(Variable.key == key).one_or_none()
+    if row is None:
+        raise InvalidRequestError(_REFUSED.format(reason="this sign-in is unknown or was already used"))
+    encrypted = row.val
+    deleted = session.query(Variable).filter(Variable.key == key).delete(synchronize_session=False)
+    session.flush()
+    if deleted != 1:
+        raise InvalidRequestError(_REFUSED.format(reason="this sign-in was already used"))
+    return _decode(state, encrypted)
 
 
 def _sweep_expired(session: Any) -> None:

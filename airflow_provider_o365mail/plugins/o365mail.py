@@ -1,4 +1,8 @@
-"""The Airflow plugin: the ``/o365mail`` app in the api-server and its entry in the UI navigation."""
+"""The Airflow plugin: the ``/o365mail`` app in the api-server and its page in the UI's Admin menu.
+
+The external view has a ``url_route``, so Airflow 3.1+ renders ``/o365mail/`` inside its UI at
+``/plugin/o365mail`` (an iframe, same origin); without one it would open in a new tab.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 from airflow_provider_o365mail.plugins import asset_listener
 from airflow_provider_o365mail.plugins.consent_app import create_app
+from airflow_provider_o365mail.plugins.pages import UI_ROUTE
 
 
 class O365MailPlugin(AirflowPlugin):
@@ -13,5 +18,11 @@ class O365MailPlugin(AirflowPlugin):
     fastapi_apps = [{"app": create_app(), "url_prefix": "/o365mail", "name": "Microsoft 365 Mail consent"}]
     listeners = [asset_listener]
     external_views = [
-        {"name": "Microsoft 365 Mail", "href": "/o365mail/", "destination": "nav", "category": "admin"},
+        {
+            "name": "Microsoft 365 Mail",
+            "href": "/o365mail/",
+            "destination": "nav",
+            "category": "admin",
+            "url_route": UI_ROUTE,
+        },
     ]

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, CriteriaError
 from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore, variable_key
+from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec, advanced
+from airflow_provider_o365mail.mail.watermark import (
+    Reservation,
+    VariableWatermarkStore,
+    WatchState,
+    task_key,
+    variable_key,
+)
 from airflow_provider_o365mail.triggers.imap import O365ImapTrigger, raise_from_event
+from airflow_provider_o365mail.version_compat import conf
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+log = logging.getLogger(__name__)
 
 
 class O365ImapSensor(BaseSensorOperator):
@@ -48,7 +59,7 @@ class O365ImapSensor(BaseSensorOperator):
     :param poll_interval: seconds between checks in the triggerer where the server offers no IDLE.
     :param idle_timeout: re-issue IDLE (and re-check) after this many seconds; at most 25 minutes. Lower
         it if a firewall drops idle connections sooner.
-    :return: list of message summaries (folder, uid, uidvalidity, message_id, from, to, cc, subject,
+    Pushes to XCom a list of message summaries (folder, uid, uidvalidity, message_id, from, to, cc, subject,
         date, received, size, flags, attachments[name, content_type, size, encoding, section, inline]).
     """
 
@@ -145,15 +156,91 @@ class O365ImapSensor(BaseSensorOperator):
         return variable_key(self.conn_id, watch_id, self.mailbox)
 
     def _store(self, spec: WatchSpec) -> VariableWatermarkStore | None:
-        if not spec.new_only:
+        """Where the watch's watermarks and reservations live; none when there is nothing to remember."""
+        if not (spec.new_only or spec.post_action):
             return None
         key = self.watermark_key()
         self.log.debug("Watermarks in Variable %s (delete it to start over).", key)
         return VariableWatermarkStore(key)
 
+    # ------------------------------------------------------------------ at-least-once delivery
+    def _settle(
+        self, hook: O365MailHook, spec: WatchSpec, store: VariableWatermarkStore, me: str, context: Any
+    ) -> WatchState:
+        """Confirm the reservations of earlier task instances Airflow recorded as successful (post-action,
+        watermark), drop those that failed for good; return the watch's state."""
+        state = store.load_state()
+        others = [r for key, r in state.reservations.items() if key != me]
+        if not others:
+            return state
+        states = task_states(context, others)
+        confirmed = [r for r in others if states.get(r.key) == "success"]
+        dropped = [r for r in others if r.key in states and states[r.key] in GIVEN_UP_STATES]
+        for reservation in confirmed:
+            result = CheckResult(messages=reservation.messages, scanned=reservation.scanned)
+            hook.apply_post_action(spec, result, mailbox=self.mailbox)
+            if spec.new_only:
+                state.watermarks = advanced(state.watermarks, result)
+            self.log.info(
+                "Confirmed %d message(s) of %s (it succeeded): %s applied, watermark advanced.",
+                len(reservation.messages),
+                reservation.key,
+                spec.post_action or "no post-action",
+            )
+        for reservation in dropped:
+            self.log.info(
+                "%s ended as %s: its %d message(s) stay unconfirmed and will be reported again.",
+                reservation.key,
+                states[reservation.key] or "deleted",
+                len(reservation.messages),
+            )
+        for reservation in (*confirmed, *dropped):
+            del state.reservations[reservation.key]
+        if confirmed or dropped:
+            store.save_state(state)
+        return state
+
+    def _deliver(
+        self,
+        context: Any,
+        hook: O365MailHook,
+        spec: WatchSpec,
+        result_of: Callable[[WatchState | None], CheckResult | None],
+    ) -> list[dict[str, Any]] | None:
+        """Find (``result_of(state)``) and reserve the messages for this task instance, or return the ones an
+        earlier try of it reserved. ``None``: nothing matched."""
+        store = self._store(spec)
+        me = own_task_key(context)
+        if store is None or me is None:  # nothing to remember, or no task instance: commit at once
+            result = result_of(None)
+            if result is None or not result.messages:
+                return None
+            return self._finish(hook, spec, result)
+        state = self._settle(hook, spec, store, me, context)
+        mine = state.reservations.get(me)
+        if mine is not None:
+            self.log.info(
+                "Returning the %d message(s) reserved by an earlier try of this task instance.", len(mine.messages)
+            )
+            return mine.messages
+        result = result_of(state)
+        if result is None or not result.messages:
+            return None
+        dag_id, run_id, task_id, map_index = me.split("|")
+        state.reserve(
+            Reservation(dag_id, run_id, task_id, int(map_index), result.messages, result.scanned, time.time())
+        )
+        store.save_state(state)
+        self._log_matches(result.messages)
+        return result.messages
+
     def _finish(self, hook: O365MailHook, spec: WatchSpec, result: CheckResult) -> list[dict[str, Any]]:
         hook.commit_mail(spec, result, self._store(spec), mailbox=self.mailbox)
-        for message in result.messages:
+        self._log_matches(result.messages)
+        return result.messages
+
+    def _log_matches(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
             self.log.info(
                 "Matched %s/%s: %r from %s (%d attachment(s)).",
                 message["folder"],
@@ -162,18 +249,24 @@ class O365ImapSensor(BaseSensorOperator):
                 message["from"],
                 len(message["attachments"]),
             )
-        return result.messages
 
     # ------------------------------------------------------------------ sensor
     def poke(self, context: Context) -> PokeReturnValue | bool:
         spec = self.watch_spec()
         hook = O365MailHook(self.conn_id)
         store = self._store(spec)
-        result = hook.check_mail(spec, store.load() if store else None, mailbox=self.mailbox)
-        if not result.messages:
+
+        def check(state: WatchState | None) -> CheckResult:
+            marks = None
+            if spec.new_only and store is not None:
+                marks = state.watermarks if state is not None else store.load()
+            return hook.check_mail(spec, marks, mailbox=self.mailbox)
+
+        messages = self._deliver(context, hook, spec, check)
+        if messages is None:
             self.log.info("No matching mail in %s yet.", ", ".join(spec.folders))
             return False
-        return PokeReturnValue(is_done=True, xcom_value=self._finish(hook, spec, result))
+        return PokeReturnValue(is_done=True, xcom_value=messages)
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
@@ -199,4 +292,40 @@ class O365ImapSensor(BaseSensorOperator):
         if event.get("status") != "success":
             raise_from_event(event)
         spec = self.watch_spec()
-        return self._finish(O365MailHook(self.conn_id), spec, CheckResult.from_dict(event["result"]))
+        result = CheckResult.from_dict(event["result"])
+        return self._deliver(context, O365MailHook(self.conn_id), spec, lambda _state: result) or []
+
+
+#: Task states after which a task instance will not report its messages: they are reported again.
+GIVEN_UP_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", None})
+
+
+def own_task_key(context: Any) -> str | None:
+    """This task instance's reservation key, or ``None`` outside a task run (e.g. ``sensor.poke({})``)."""
+    ti = context.get("ti") if isinstance(context, Mapping) else None
+    if ti is None or not getattr(ti, "run_id", None):
+        return None
+    map_index = getattr(ti, "map_index", -1)
+    return task_key(ti.dag_id, ti.run_id, ti.task_id, map_index if isinstance(map_index, int) else -1)
+
+
+def task_states(context: Any, reservations: list[Reservation]) -> dict[str, str | None]:
+    """Airflow's recorded state of each reservation's task instance (``None``: it no longer exists).
+
+    A reservation whose state cannot be read is left out: it stays open (never confirmed on a guess).
+    """
+    ti = context.get("ti") if isinstance(context, Mapping) else None
+    lookup = getattr(ti, "get_task_states", None)
+    states: dict[str, str | None] = {}
+    if lookup is None:
+        return states
+    for reservation in reservations:
+        try:
+            by_run = lookup(dag_id=reservation.dag_id, task_ids=[reservation.task_id], run_ids=[reservation.run_id])
+        except Exception as err:  # a lookup that fails leaves the reservation open
+            log.warning("Cannot read the state of %s (%s); leaving it unconfirmed.", reservation.key, err)
+            continue
+        name = reservation.task_id if reservation.map_index < 0 else f"{reservation.task_id}_{reservation.map_index}"
+        state = (by_run or {}).get(reservation.run_id, {}).get(name)
+        states[reservation.key] = str(getattr(state, "value", state)) if state is not None else None
+    return states

@@ -8,7 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from airflow_provider_o365mail.testing.sandbox import DEFAULT_STATE_DIR, Sandbox
+from airflow_provider_o365mail.testing.sandbox import DEFAULT_STATE_DIR, Sandbox, read_env_file
+
+
+def _state_dir_of(env_file: Path | None) -> Path | None:
+    """The sandbox an env file describes: ``down --env-file X`` stops that one, not the default."""
+    if env_file is None or not env_file.exists():
+        return None
+    recorded = read_env_file(env_file).get("O365_SANDBOX_STATE_DIR")
+    return Path(recorded) if recorded else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,10 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--env-file", type=Path, help="where 'up' writes KEY=value lines (shell- and Python-readable)")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: %(default)s")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"default: the one the env file names (down, status), else {DEFAULT_STATE_DIR}",
+    )
     parser.add_argument("--purge", action="store_true", help="with 'down': also delete the state directory")
     args = parser.parse_args(argv)
-    sandbox = Sandbox(args.state_dir)
+    sandbox = Sandbox(args.state_dir or _state_dir_of(args.env_file) or DEFAULT_STATE_DIR)
     if args.command == "up":
         started = time.monotonic()
         info = sandbox.up(args.env_file)

@@ -77,15 +77,115 @@ class SandboxAdmin:
     def remove_secret(self, client_id: str, secret_id: str) -> None:
         self._call("DELETE", f"apps/{client_id}/secrets/{secret_id}")
 
+    def add_certificate(self, client_id: str, certificate_pem: str) -> dict:
+        """Upload a certificate (PEM, public part) to the app registration; returns its thumbprints."""
+        return self._call("POST", f"apps/{client_id}/certificates", {"certificate": certificate_pem})
+
+    def clear_certificates(self, client_id: str) -> None:
+        self._call("DELETE", f"apps/{client_id}/certificates")
+
+    def add_federated_credential(
+        self, client_id: str, *, issuer: str, subject: str, audiences: list[str] | None = None, name: str = "sandbox"
+    ) -> dict:
+        """Trust tokens of ``issuer`` for ``subject`` (audience default ``api://AzureADTokenExchange``)."""
+        payload = {"name": name, "issuer": issuer, "subject": subject, "audiences": audiences}
+        return self._call("POST", f"apps/{client_id}/federated-credentials", payload)
+
+    def clear_federated_credentials(self, client_id: str) -> None:
+        self._call("DELETE", f"apps/{client_id}/federated-credentials")
+
     def add_redirect_uri(self, client_id: str, redirect_uri: str) -> None:
         self._call("POST", f"apps/{client_id}/redirect-uris", {"redirect_uri": redirect_uri})
 
     # -- faults
-    def add_fault(self, status: int = 503, count: int = 1, retry_after: int | None = None, delay: float = 0.0) -> None:
-        self._call("POST", "faults", {"status": status, "count": count, "retry_after": retry_after, "delay": delay})
+    def set_public_client(self, client_id: str, allowed: bool) -> None:
+        """Switch the app registration's "Allow public client flows"."""
+        self._call("POST", f"apps/{client_id}/public-client", {"allowed": allowed})
+
+    def device_flows(self) -> list[dict]:
+        """Each device code's polls, slow-downs, interval and status (no codes)."""
+        return self._call("GET", "device-flows")["flows"]
+
+    def device_sign_in(
+        self, verification_uri: str, user_code: str, *, login: str, password: str, decision: str = "accept"
+    ) -> str:
+        """Play the person on the device code page: enter ``user_code``, sign in, accept or cancel; the result text."""
+        entered = self._session.post(verification_uri, data={"otc": user_code}, timeout=30)
+        match = re.search(r'name="flow" value="([^"]+)"', entered.text)
+        if match is None:
+            alert = re.search(r'role="alert">([^<]*)<', entered.text)
+            raise RuntimeError(
+                f"the code was refused: {html.unescape(alert.group(1)) if alert else entered.status_code}"
+            )
+        done = self._session.post(
+            verification_uri,
+            data={"flow": html.unescape(match.group(1)), "login": login, "passwd": password, "decision": decision},
+            timeout=30,
+        )
+        result = re.search(r'id="result">([^<]*)<', done.text) or re.search(r'role="alert">([^<]*)<', done.text)
+        return html.unescape(result.group(1)) if result else f"HTTP {done.status_code}"
+
+    def add_fault(
+        self,
+        status: int = 503,
+        count: int = 1,
+        retry_after: int | None = None,
+        delay: float = 0.0,
+        *,
+        aadsts: int | None = None,
+        error: str = "invalid_grant",
+    ) -> None:
+        """The next ``count`` token requests fail with ``status`` (with ``aadsts``: that code and ``error``)."""
+        payload = {"status": status, "count": count, "retry_after": retry_after, "delay": delay}
+        if aadsts is not None:
+            payload.update(aadsts=aadsts, error=error)
+        self._call("POST", "faults", payload)
 
     def clear_faults(self) -> None:
         self._call("DELETE", "faults")
+
+    # -- mail side: Exchange's caps, SMTP reply injection, Sent Items lag
+    def mail_limits(self) -> dict:
+        return self._call("GET", "mail/limits")
+
+    def set_limits(
+        self,
+        *,
+        imap_connections: int | None = None,
+        smtp_sessions: int | None = None,
+        sent_items_lag: float | None = None,
+    ) -> dict:
+        """Change the per-mailbox caps (defaults 20 IMAP, 3 SMTP) and the Sent Items lag in seconds."""
+        values = {
+            "imap_connections": imap_connections,
+            "smtp_sessions": smtp_sessions,
+            "sent_items_lag": sent_items_lag,
+        }
+        return self._call("POST", "mail/limits", {k: v for k, v in values.items() if v is not None})
+
+    def reset_mail(self) -> dict:
+        """Exchange's default caps, no lag, no pending injected replies, SMTP counters zeroed."""
+        return self._call("POST", "mail/reset")
+
+    def inject_smtp_reply(self, reply: str, *, stage: str = "data", count: int = 1, mailbox: str | None = None) -> dict:
+        """The next ``count`` MAIL FROM / RCPT TO / end-of-DATA (``stage`` mail|rcpt|data) get ``reply``."""
+        payload = {"stage": stage, "reply": reply, "count": count, "mailbox": mailbox}
+        return self._call("POST", "mail/smtp-replies", payload)
+
+    def lose_smtp_reply(self, *, count: int = 1, mailbox: str | None = None) -> dict:
+        """The next ``count`` messages are accepted and delivered, but the 250 never reaches the client."""
+        payload = {"stage": "data", "lost_reply": True, "count": count, "mailbox": mailbox}
+        return self._call("POST", "mail/smtp-replies", payload)
+
+    def clear_smtp_replies(self) -> dict:
+        return self._call("DELETE", "mail/smtp-replies")
+
+    def smtp_state(self) -> dict:
+        """Active sessions, peak concurrency, refusals, accepted messages, pending injections (per mailbox)."""
+        return self._call("GET", "mail/smtp")
+
+    def reset_smtp_counters(self) -> dict:
+        return self._call("POST", "mail/smtp/reset-counters")
 
     # -- tokens
     def mint_access_token(self, upn: str, **claims: Any) -> str:

@@ -115,7 +115,7 @@ class AirflowServices:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def admin_token(self, username: str = "admin") -> str:
-        """A JWT for ``admin`` or ``operator2`` (both with the admin role)."""
+        """A JWT for ``admin`` or ``operator2`` (admin role), ``viewer1`` (viewer) or ``op1`` (op)."""
         response = httpx.post(
             f"{self.api_url}/auth/token", json={"username": username, "password": self.admin_password}, timeout=30
         )
@@ -163,11 +163,17 @@ class AirflowServices:
         return "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("*.log")))
 
 
-def start_airflow_services(home: Path, extra_env: dict[str, str] | None = None) -> AirflowServices:
-    """Start an api-server and a triggerer for ``home`` (DB migrated) and wait until both are healthy."""
+def start_airflow_services(
+    home: Path, extra_env: dict[str, str] | None = None, components: tuple[str, ...] = ("api-server", "triggerer")
+) -> AirflowServices:
+    """Start an api-server and a triggerer for ``home`` (DB migrated) and wait until both are healthy.
+
+    ``components=("api-server",)`` starts an api-server alone (one more for the same DB, with its own
+    environment and logs folder), ready once it answers with a healthy metadata DB.
+    """
     # A known password for SimpleAuthManager's users (it generates only missing ones).
     (home / "simple_auth_manager_passwords.json.generated").write_text(
-        json.dumps({"admin": ADMIN_PASSWORD, "operator2": ADMIN_PASSWORD})
+        json.dumps({name: ADMIN_PASSWORD for name in ("admin", "operator2", "viewer1", "op1")})
     )
     port = free_port()
     env = {
@@ -181,20 +187,20 @@ def start_airflow_services(home: Path, extra_env: dict[str, str] | None = None) 
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__API_AUTH__JWT_SECRET": "o365mail-tests-local-jwt-secret-0123456789abcdef",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,operator2:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,operator2:admin,viewer1:viewer,op1:op",
         # For the scheduler and dag-processor some tests start: new DAG files run at once.
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
     }
     env.update(extra_env or {})
-    logs = home / "service-logs"
+    logs = home / ("service-logs" if "triggerer" in components else f"service-logs-{port}")
     logs.mkdir(exist_ok=True)
     services = AirflowServices(api_url=f"http://127.0.0.1:{port}", env=env, logs=logs)
-    services.start("api-server")
-    services.start("triggerer")
+    for component in components:
+        services.start(component)
     try:
-        services.wait_healthy("triggerer")
+        services.wait_healthy("triggerer" if "triggerer" in components else "metadatabase")
     except RuntimeError:
         services.stop_all()
         raise

@@ -12,6 +12,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,11 @@ class FakeSmtpServer:
         self.sessions: list[SmtpSessionRecord] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
+        self._listener.settimeout(0.2)  # here, not in the thread: a quick __exit__ may close it first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> FakeSmtpServer:
         self._thread.start()
@@ -69,16 +72,28 @@ class FakeSmtpServer:
         return [message for s in self.sessions for message in s.messages]
 
     def _serve(self) -> None:
-        self._listener.settimeout(0.2)
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
             except (TimeoutError, OSError):
                 continue
             record = SmtpSessionRecord()
+            thread = threading.Thread(target=self._session, args=(conn, record), daemon=True)
             with self._lock:
                 self.sessions.append(record)
-            threading.Thread(target=self._session, args=(conn, record), daemon=True).start()
+                self._threads.append(thread)
+            thread.start()
+
+    def wait_sessions_closed(self, timeout: float = 10.0) -> None:
+        """Wait until every session so far has ended (its messages recorded): a dropped client's
+        last message is recorded by the server's thread a moment after the client saw the drop."""
+        with self._lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                raise TimeoutError(f"an SMTP session of the fake server is still open after {timeout} s")
 
     def _pop(self, queue: deque[str], default: str) -> str:
         with self._lock:

@@ -6,10 +6,12 @@ stopped by the PIDs they record. Neither touches the system-wide daemons or /etc
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,7 +20,13 @@ from pathlib import Path
 MAIL_UID = 65534  # nobody: owns the maildirs
 MAIL_GID = 65534
 
-DEBIAN_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix")
+#: python3-milter: Debian's pymilter for Debian's python3, which runs the sandbox's milter (smtp_milter).
+DEBIAN_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix", "python3-milter")
+MILTER_PYTHON = "/usr/bin/python3"  # the interpreter python3-milter is built for
+
+#: Exchange Online's limits, on by default (research 1.8): IMAP ~20 concurrent connections per
+#: mailbox, SMTP AUTH 3 concurrent sessions per mailbox; the Sent Items copy does not lag.
+DEFAULT_LIMITS = {"imap_connections": 20, "smtp_sessions": 3, "sent_items_lag": 0.0}
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class MailServerConfig:
     imap_port: int
     smtp_port: int
     lmtp_port: int
+    milter_port: int
     introspection_url: str
     ca_file: Path
     cert_file: Path
@@ -60,6 +69,19 @@ class MailServerConfig:
     @property
     def auth_socket(self) -> Path:
         return self.dovecot_dir / "run" / "auth-postfix"
+
+    @property
+    def milter_dir(self) -> Path:
+        return self.root / "milter"
+
+    @property
+    def milter_control(self) -> Path:
+        return self.milter_dir / "control.sock"
+
+    @property
+    def control_file(self) -> Path:
+        """The current limits (JSON): read by the Sent Items delivery, rewritten by the admin API."""
+        return self.root / "mail-control.json"
 
 
 def missing_packages() -> list[str]:
@@ -125,6 +147,8 @@ first_valid_gid = {MAIL_GID}
 mail_location = maildir:{cfg.mail_dir}/%u/Maildir
 mail_plugins =
 imap_idle_notify_interval = 1 mins
+# Per-mailbox IMAP connection cap (mail_max_userip_connections); the admin API rewrites it.
+!include_try {d}/limits.conf
 
 passdb {{
   driver = oauth2
@@ -270,6 +294,17 @@ smtpd_relay_restrictions = permit_sasl_authenticated, reject
 smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 smtpd_client_restrictions = permit_sasl_authenticated, permit
 smtpd_delay_reject = yes
+# The sandbox milter: Exchange's per-mailbox session cap, injected replies, Sent Items copies.
+# If it is down, submissions are deferred rather than silently uncapped.
+smtpd_milters = inet:127.0.0.1:{cfg.milter_port}
+milter_default_action = tempfail
+milter_protocol = 6
+milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}}
+milter_connect_timeout = 10s
+milter_command_timeout = 30s
+milter_content_timeout = 60s
+transport_maps = texthash:{p}/transport
+sentitems_destination_recipient_limit = 1
 """
 
 
@@ -292,6 +327,8 @@ error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 lmtp      unix  -       -       n       -       -       lmtp
+sentitems unix  -       n       n       -       -       pipe
+  flags= user=nobody argv={MILTER_PYTHON} {cfg.postfix_dir}/sent_items.py {cfg.control_file} {cfg.mail_dir} smtp.{cfg.domain} ${{recipient}}
 smtp      unix  -       -       n       -       -       smtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
@@ -299,8 +336,27 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+def _dovecot_limits(imap_connections: int) -> str:
+    return f"protocol imap {{\n  mail_max_userip_connections = {int(imap_connections)}\n}}\n"
+
+
+def write_control(cfg: MailServerConfig, values: dict) -> None:
+    tmp = cfg.control_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.chmod(0o644)  # the Sent Items delivery (user nobody) reads the lag
+    tmp.replace(cfg.control_file)
+    (cfg.dovecot_dir / "limits.conf").write_text(_dovecot_limits(values["imap_connections"]))
+
+
+def read_control(cfg: MailServerConfig) -> dict:
+    try:
+        return {**DEFAULT_LIMITS, **json.loads(cfg.control_file.read_text())}
+    except (OSError, ValueError):
+        return dict(DEFAULT_LIMITS)
+
+
 def write_configs(cfg: MailServerConfig) -> None:
-    for directory in (cfg.dovecot_dir, cfg.postfix_dir, cfg.mail_dir):
+    for directory in (cfg.dovecot_dir, cfg.postfix_dir, cfg.mail_dir, cfg.milter_dir):
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o755)
     os.chown(cfg.mail_dir, MAIL_UID, MAIL_GID)
@@ -318,6 +374,14 @@ def write_configs(cfg: MailServerConfig) -> None:
     (cfg.postfix_dir / "senders").write_text(
         "".join(f"{m.address} {','.join((m.address, *m.send_as))}\n" for m in cfg.mailboxes)
     )
+    from airflow_provider_o365mail.testing import sent_items
+
+    (cfg.postfix_dir / "transport").write_text(f"{sent_items.ROUTING_DOMAIN} sentitems:\n")
+    # Postfix's pipe runs it as nobody, who may not reach this package's directory: give it a copy.
+    shutil.copyfile(sent_items.__file__, cfg.postfix_dir / "sent_items.py")
+    (cfg.postfix_dir / "sent_items.py").chmod(0o644)
+    # Every `up` starts from Exchange's limits.
+    write_control(cfg, dict(DEFAULT_LIMITS))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -358,6 +422,62 @@ def start_dovecot(cfg: MailServerConfig) -> None:
         )
 
 
+def milter_pid(cfg: MailServerConfig) -> int | None:
+    pid = _read_pid(cfg.milter_dir / "milter.pid")
+    return pid if pid and _pid_alive(pid) else None
+
+
+def start_milter(cfg: MailServerConfig) -> None:
+    if milter_pid(cfg):
+        return
+    # Debian's python3 sees only this package (through a symlink), not the caller's environment.
+    pylib = cfg.milter_dir / "pylib"
+    pylib.mkdir(exist_ok=True)
+    link = pylib / "airflow_provider_o365mail"
+    package = Path(__file__).resolve().parent.parent
+    if not link.is_symlink() or link.resolve() != package:
+        link.unlink(missing_ok=True)
+        link.symlink_to(package)
+    control = read_control(cfg)
+    with open(cfg.milter_dir / "milter.log", "ab") as log:
+        process = subprocess.Popen(
+            [
+                MILTER_PYTHON,
+                "-m",
+                "airflow_provider_o365mail.testing.smtp_milter",
+                "--port",
+                str(cfg.milter_port),
+                "--control",
+                str(cfg.milter_control),
+                "--smtp-port",
+                str(cfg.smtp_port),
+                "--smtp-sessions",
+                str(control["smtp_sessions"]),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pylib), "PYTHONDONTWRITEBYTECODE": "1"},
+            cwd=cfg.milter_dir,
+            start_new_session=True,
+        )
+    (cfg.milter_dir / "milter.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with socket.create_connection(("127.0.0.1", cfg.milter_port), timeout=1):
+                pass
+            if cfg.milter_control.exists():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    tail = (cfg.milter_dir / "milter.log").read_text()[-2000:]
+    raise RuntimeError(f"the sandbox milter did not start ({MILTER_PYTHON} with python3-milter):\n{tail}")
+
+
 def start_postfix(cfg: MailServerConfig) -> None:
     if postfix_pid(cfg):
         subprocess.run(["postfix", "-c", str(cfg.postfix_dir), "reload"], check=False, capture_output=True)
@@ -387,6 +507,7 @@ def _stop_pid(pid: int | None, timeout: float = 10.0) -> None:
 
 def stop(cfg: MailServerConfig) -> None:
     _stop_pid(postfix_pid(cfg))
+    _stop_pid(milter_pid(cfg))
     _stop_pid(dovecot_pid(cfg))
 
 
@@ -401,5 +522,5 @@ def clean_mailboxes(cfg: MailServerConfig) -> None:
 
 
 def remove_state(cfg: MailServerConfig) -> None:
-    for directory in (cfg.dovecot_dir, cfg.postfix_dir, cfg.mail_dir):
+    for directory in (cfg.dovecot_dir, cfg.postfix_dir, cfg.mail_dir, cfg.milter_dir):
         shutil.rmtree(directory, ignore_errors=True)

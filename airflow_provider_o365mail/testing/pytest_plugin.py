@@ -6,6 +6,10 @@
 - ``o365mail_conn``: a fresh consented grant per test, exported as ``AIRFLOW_CONN_O365MAIL_DEFAULT``.
 
 Options: ``--o365-sandbox-state-dir`` (default: a directory under /tmp).
+
+pytest loads this module in every test run of everyone who installed the provider, so it imports
+only pytest and the standard library at module level: the sandbox, Airflow, MSAL and requests load
+inside the fixtures (tests/unit/test_packaging.py checks it).
 """
 
 from __future__ import annotations
@@ -46,7 +50,15 @@ def o365_admin(o365_sandbox):
     admin.clear_faults()
     yield admin
     admin.clear_faults()
-    admin.update_settings(strict_rotation=False, clock_offset=0, access_token_lifetime=3900)
+    if admin.mail_limits() != _default_mail_limits() or admin.smtp_state()["injections"]:
+        admin.reset_mail()  # caps raised or lowered by the test, replies it did not consume
+    admin.update_settings(
+        strict_rotation=False,
+        clock_offset=0,
+        access_token_lifetime=3900,
+        refresh_requires_scope=False,
+        reject_replayed_assertions=True,
+    )
     from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES
 
     admin.consent(o365_sandbox.user, o365_sandbox.client_id, DELEGATED_SCOPES)
@@ -54,6 +66,12 @@ def o365_admin(o365_sandbox):
         admin.update_user(
             upn, mfa_required=False, blocked_by_conditional_access=False, smtp_auth_enabled=True, imap_enabled=True
         )
+
+
+def _default_mail_limits() -> dict:
+    from airflow_provider_o365mail.testing.mailservers import DEFAULT_LIMITS
+
+    return dict(DEFAULT_LIMITS)
 
 
 @pytest.fixture
@@ -71,3 +89,7 @@ def o365mail_conn(o365_sandbox, o365_admin, monkeypatch: pytest.MonkeyPatch) -> 
     conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", o365_sandbox.connection_json(refresh_token=refresh_token))
     yield conn_id
+    # Its pool's idle sessions would stay logged in for a minute and count against the mailbox's cap.
+    from airflow_provider_o365mail.mail.imap_pool import close_idle_pools
+
+    close_idle_pools()

@@ -226,6 +226,7 @@ class Sandbox:
             "imap_port": _free_port(),
             "smtp_port": _free_port(),
             "lmtp_port": _free_port(),
+            "milter_port": _free_port(),
             "client_id": str(uuid.uuid4()),
             "app_client_id": str(uuid.uuid4()),
             "user": f"alex@{DOMAIN}",
@@ -277,7 +278,11 @@ class Sandbox:
 
     def _load_config(self) -> dict:
         if self.config_file.exists():
-            return json.loads(self.config_file.read_text())
+            config = json.loads(self.config_file.read_text())
+            if "milter_port" not in config:  # a state directory from before the milter
+                config["milter_port"] = _free_port()
+                self.config_file.write_text(json.dumps(config, indent=1))
+            return config
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o755)  # the mail daemons' users must traverse it
         config = self._create_config()
@@ -300,6 +305,7 @@ class Sandbox:
             imap_port=config["imap_port"],
             smtp_port=config["smtp_port"],
             lmtp_port=config["lmtp_port"],
+            milter_port=config.get("milter_port", 0),
             introspection_url=f"https://127.0.0.1:{config['idp_port']}/_sandbox/exchange/introspect",
             ca_file=Path(config["ca_file"]),
             cert_file=Path(config["cert_file"]),
@@ -368,6 +374,7 @@ class Sandbox:
         mail = self.mail_config(config)
         mailservers.write_configs(mail)
         mailservers.start_dovecot(mail)
+        mailservers.start_milter(mail)
         mailservers.start_postfix(mail)
         _wait_for_port(config["imap_port"], "Dovecot IMAP", mail.dovecot_dir / "dovecot.log")
         _wait_for_port(config["smtp_port"], "Postfix submission", mail.postfix_dir / "postfix.log")
@@ -406,12 +413,13 @@ class Sandbox:
 
     def running(self) -> dict[str, int | None]:
         if not self.config_file.exists():
-            return {"entra": None, "dovecot": None, "postfix": None}
+            return {"entra": None, "dovecot": None, "postfix": None, "milter": None}
         mail = self.mail_config(json.loads(self.config_file.read_text()))
         return {
             "entra": self._idp_pid(),
             "dovecot": mailservers.dovecot_pid(mail),
             "postfix": mailservers.postfix_pid(mail),
+            "milter": mailservers.milter_pid(mail),
         }
 
     def down(self, purge: bool = False) -> None:

@@ -1,9 +1,17 @@
 """O365ImapTrigger: the deferrable O365ImapSensor's wait, in the triggerer.
 
-Loop: check the folders (IMAPClient in a worker thread: short, blocking calls stay off the event
-loop), and if nothing matches wait asynchronously for new mail (IMAP IDLE with aioimaplib, or a
-polling interval where the server has no IDLE). The check is read-only: the post-action and the
-watermark advance happen on the worker in ``execute_complete``, after Airflow persisted the event.
+Loop: note the folders' generation, check the folders, and if nothing matches wait until a folder
+changed since that generation. Exchange allows about 20 IMAP connections per mailbox, so the
+triggers of one mailbox share them in this process (the hook builds both):
+
+- the wait joins the shared IDLE watch of each folder (:mod:`.mail.imap_hub`: one IDLE connection
+  per connection, mailbox and folder, whatever the number of sensors; polling where there is no IDLE);
+- the check (IMAPClient, blocking) runs in a worker thread over the mailbox's pool of logged-in
+  sessions (:mod:`.mail.imap_pool`, ``[o365mail] max_imap_connections_per_mailbox``), at most that
+  many at once, and identical concurrent checks run once (:mod:`.mail.imap_gate`).
+
+The check is read-only: the post-action and the watermark advance happen on the worker in
+``execute_complete``, after Airflow persisted the event.
 """
 
 from __future__ import annotations
@@ -18,12 +26,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_idle import (
-    MAX_IDLE_SECONDS,
-    PERMANENT_ERRORS,
-    MailWaiter,
-    reconnect_delay,
-)
+from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS, PERMANENT_ERRORS, RECONNECT
 from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
 from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
 
@@ -83,9 +86,11 @@ class O365ImapTrigger(BaseTrigger):
             },
         )
 
-    def _check(self, hook: O365MailHook, spec: WatchSpec) -> CheckResult:
-        store = VariableWatermarkStore(self.watermark_key) if spec.new_only and self.watermark_key else None
-        return hook.check_mail(spec, store.load() if store else None, mailbox=self.mailbox)
+    async def _check(self, hook: O365MailHook, spec: WatchSpec) -> CheckResult:
+        marks = None
+        if spec.new_only and self.watermark_key:
+            marks = await asyncio.to_thread(VariableWatermarkStore(self.watermark_key).load)  # a Variable read
+        return await hook.acheck_mail(spec, marks, mailbox=self.mailbox)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
@@ -94,30 +99,34 @@ class O365ImapTrigger(BaseTrigger):
             yield error_event(err)
             return
         hook = O365MailHook(self.conn_id)
-        waiter = MailWaiter(hook, spec, self.mailbox, self.poll_interval, self.max_idle)
         failures = 0
-        while True:
-            try:
-                result = await asyncio.to_thread(self._check, hook, spec)
-                if result.messages:
-                    yield TriggerEvent({"status": "success", "result": result.to_dict()})
+        with hook.folder_watch(
+            spec.folders, mailbox=self.mailbox, poll_interval=self.poll_interval, max_idle=self.max_idle
+        ) as watch:
+            while True:
+                try:
+                    # Before the check: a change while it runs makes the wait return at once.
+                    mark = watch.mark()
+                    result = await self._check(hook, spec)
+                    if result.messages:
+                        yield TriggerEvent({"status": "success", "result": result.to_dict()})
+                        return
+                    failures = 0
+                    reason = await watch.wait(mark, {f: scan.get("uidnext") for f, scan in result.scanned.items()})
+                    log.debug("Wait for new mail ended: %s.", reason)
+                except PERMANENT_ERRORS as err:
+                    log.error("Watching %s stopped: %s", self.conn_id, err)
+                    yield error_event(err)
                     return
-                reason = await waiter.wait(result)
-                failures = 0
-                log.debug("Wait for new mail ended: %s.", reason)
-            except PERMANENT_ERRORS as err:
-                log.error("Watching %s stopped: %s", self.conn_id, err)
-                yield error_event(err)
-                return
-            except Exception as err:  # network, 5xx, dropped sessions: transient
-                failures += 1
-                delay = reconnect_delay(failures)
-                log.warning(
-                    "Watching %s failed (%s: %s); reconnecting in %.0f s (attempt %d).",
-                    self.conn_id,
-                    type(err).__name__,
-                    err,
-                    delay,
-                    failures,
-                )
-                await asyncio.sleep(delay)
+                except Exception as err:  # network, 5xx, dropped sessions: transient
+                    failures += 1
+                    delay = RECONNECT.delay(failures)
+                    log.warning(
+                        "Watching %s failed (%s: %s); checking again in %.0f s (attempt %d).",
+                        self.conn_id,
+                        type(err).__name__,
+                        err,
+                        delay,
+                        failures,
+                    )
+                    await asyncio.sleep(delay)

@@ -25,12 +25,12 @@ from typing import Any
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.event_state import EMITTED_KEY, SOURCE_MARKER, emitted_id
 from airflow_provider_o365mail.exceptions import O365MailError
 from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, CriteriaError, MailCriteria
 from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS
-from airflow_provider_o365mail.mail.imap_stream import FolderStream, StreamPosition
 from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.plugins.asset_listener import EMITTED_KEY, SOURCE_MARKER
+from airflow_provider_o365mail.mail.watermark import FolderWatermark
 
 try:  # Airflow >= 3.3
     from airflow.triggers.shared_stream import AdvanceItem, SharedStreamProducer
@@ -62,7 +62,7 @@ def require_shared_streams() -> None:
     if not AIRFLOW_V_3_3_PLUS or SharedStreamProducer is object:
         raise O365MailError(
             f"O365ImapEventTrigger needs Airflow 3.3 or newer (shared trigger streams and the asset state store); "
-            f"this is Airflow {AIRFLOW_VERSION}. On Airflow 3.2 use O365ImapSensor (deferrable=True) in a DAG instead."
+            f"this is Airflow {AIRFLOW_VERSION}. On Airflow 3.1 and 3.2 use O365ImapSensor (deferrable=True) in a DAG instead."
         )
 
 
@@ -115,9 +115,9 @@ class ImapStreamProducer(SharedStreamProducer):
             move_to=self.kwargs.get("move_to"),
         )
         self.hook = O365MailHook(self.kwargs.get("conn_id") or DEFAULT_CONN_ID)
-        self.position: StreamPosition | None = None
+        self.position: FolderWatermark | None = None
 
-    async def _stored_position(self) -> StreamPosition | None:
+    async def _stored_position(self) -> FolderWatermark | None:
         group = _group(self.key)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(group.subscribed.wait(), FIRST_SUBSCRIBER_WAIT_SECONDS)
@@ -125,21 +125,20 @@ class ImapStreamProducer(SharedStreamProducer):
         for store in list(group.stores.values()):
             for accessor in _accessors(store):
                 value = await accessor.aget(POSITION_KEY)
-                position = StreamPosition.from_dict(value)
+                position = FolderWatermark.from_dict(value)
                 if position is not None:
                     positions.append(position)
         if not positions:
             return None
         # Resume from the least advanced watcher: nothing a watcher has not seen is skipped.
         oldest = min(positions, key=lambda p: (p.uidvalidity, p.last_uid))
-        seen = [m for p in positions for m in p.seen_message_ids]
-        return StreamPosition(oldest.uidvalidity, oldest.last_uid, seen, max(p.updated_at for p in positions))
+        seen = [m for p in positions for m in p.seen_keys]
+        return FolderWatermark(oldest.uidvalidity, oldest.last_uid, seen, max(p.updated_at for p in positions))
 
     async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
         start = await self._stored_position()
         self.position = start
-        stream = FolderStream(
-            self.hook,
+        stream = self.hook.folder_stream(
             self.spec.folders[0],
             mailbox=self.kwargs.get("mailbox"),
             poll_interval=float(self.kwargs.get("poll_interval") or 60.0),
@@ -151,7 +150,7 @@ class ImapStreamProducer(SharedStreamProducer):
             yield raw, payload
         raise O365MailError("The IMAP stream ended unexpectedly.")  # contract: yield forever or raise
 
-    async def _store_position(self, position: StreamPosition) -> None:
+    async def _store_position(self, position: FolderWatermark) -> None:
         """Write the position into every watcher's asset state store (the next start resumes there)."""
         self.position = position
         for store in list(_group(self.key).stores.values()):
@@ -178,9 +177,9 @@ class ImapStreamProducer(SharedStreamProducer):
             for p in matched:
                 group.matched.discard((p["uidvalidity"], p["uid"]))
             last = clean[-1]
-            base = self.position or StreamPosition(last["uidvalidity"], 0)
+            base = self.position or FolderWatermark(last["uidvalidity"], 0)
             self.position = base.advanced(
-                last["uidvalidity"], last["uid"], [p["message_id"] for p in clean], time.time()
+                last["uidvalidity"], last["uid"], [p.get("seen_key") for p in clean], time.time()
             )
             await self._store_position(self.position)
         if len(clean) != len(batch):
@@ -278,14 +277,18 @@ class O365ImapEventTrigger(BaseEventTrigger):
         group = _group(key)
         group.stores[id(self)] = self.asset_state_store
         group.subscribed.set()
-        reported = await self._reported_message_ids()
+        reported = await self._reported()
         try:
             async for raw in shared_stream:
                 summary = raw["summary"]
                 if self.criteria.matches(summary, raw.get("headers")):
                     group.matched.add((summary["uidvalidity"], summary["uid"]))
-                    if summary["message_id"] and summary["message_id"] in reported:
-                        log.info("Skipping %s: already reported before a restart.", summary["message_id"])
+                    if emitted_id(summary) in reported:
+                        log.info(
+                            "Skipping %s (%s): already reported before a restart.",
+                            emitted_id(summary),
+                            summary["message_id"],
+                        )
                         continue
                     yield TriggerEvent({**summary, "source": SOURCE_MARKER})
         finally:
@@ -293,8 +296,9 @@ class O365ImapEventTrigger(BaseEventTrigger):
             if not group.stores:
                 _GROUPS.pop(key, None)
 
-    async def _reported_message_ids(self) -> set[str]:
-        """Message-IDs whose asset events Airflow stored (recorded in the same transaction by the listener)."""
+    async def _reported(self) -> set[str]:
+        """Messages (:func:`emitted_id`) whose asset events Airflow stored (recorded in the same transaction
+        by the listener)."""
         reported: set[str] = set()
         for accessor in _accessors(self.asset_state_store):
             value = await accessor.aget(EMITTED_KEY)

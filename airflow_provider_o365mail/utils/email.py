@@ -11,11 +11,13 @@ Airflow calls ``backend(to, subject, html_content, conn_id=..., from_email=...)`
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.mail.message_ids import TaskIdentity
 
 # Airflow's default [email] email_conn_id: an SMTP connection, never ours.
 AIRFLOW_DEFAULT_EMAIL_CONN_ID = "smtp_default"
@@ -50,18 +52,39 @@ def send_email(
     if from_email in (None, "", AIRFLOW_PLACEHOLDER_FROM_EMAIL):
         from_email = None
     hook = O365MailHook(conn_id)
-    message = hook.compose(
-        to=to,
-        subject=subject,
-        html_content=html_content,
-        files=files,
-        cc=cc,
-        bcc=bcc,
-        from_email=from_email,
-        custom_headers=custom_headers,
-        mime_charset=mime_charset,
-    )
+    identity, scope = _current_task(subject)
+    spec = {
+        "to": to,
+        "subject": subject,
+        "html_content": html_content,
+        "files": files,
+        "cc": cc,
+        "bcc": bcc,
+        "from_email": from_email,
+        "custom_headers": custom_headers,
+        "mime_charset": mime_charset,
+    }
+    (planned,) = hook.plan([spec], identity, scope=scope)
     if dryrun:
+        message = planned.build()
         hook.log.info("Dry run: built %s for %d recipient(s); not sent.", message.message_id, len(message.recipients))
         return None
-    return hook.send_messages([message])[0].message_id
+    return hook.send_messages([planned])[0].message_id
+
+
+def _current_task(subject: str) -> tuple[TaskIdentity | None, str]:
+    """The running task instance, if any, and a scope naming this alert (try and subject).
+
+    Airflow sends a retry alert and a failure alert per try: each is its own message, but the same
+    alert sent twice for one try gets one Message-ID.
+    """
+    try:
+        from airflow.sdk import get_current_context
+
+        ti = get_current_context().get("ti")
+    except Exception:  # not inside a task (scheduler callbacks, CLI): a random Message-ID
+        return None, ""
+    if ti is None:
+        return None, ""
+    digest = hashlib.sha256(str(subject).encode()).hexdigest()[:12]
+    return TaskIdentity.of(ti), f"email:{getattr(ti, 'try_number', '')}:{digest}"

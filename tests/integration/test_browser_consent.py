@@ -7,56 +7,13 @@ with the connection. Screenshots go to ``test-artifacts/browser/`` (or ``$O365MA
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import uuid
 from pathlib import Path
 
-import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from airflow_provider_o365mail.testing.mailbox import wait_for_messages, with_subject
 
 ARTIFACTS = Path(os.environ.get("O365MAIL_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")) / "browser"
-CHROMIUM = os.environ.get("O365MAIL_CHROMIUM", "/usr/bin/chromium")
-
-
-def spki_hash(cert_file: Path) -> str:
-    """Chromium's --ignore-certificate-errors-spki-list value: trust exactly the sandbox's server key."""
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
-
-
-@pytest.fixture
-def browser_page(o365_sandbox):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    server_cert = Path(o365_sandbox.ca_file).parent / "server.pem"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM if Path(CHROMIUM).exists() else None,  # else Playwright's own build
-            args=[
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--ignore-certificate-errors-spki-list={spki_hash(server_cert)}",
-            ],
-        )
-        context = browser.new_context(viewport={"width": 1400, "height": 1200})
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
 
 
 def test_authorize_from_the_airflow_ui_then_send_mail_from_a_task(

@@ -16,11 +16,19 @@ import requests
 from airflow_provider_o365mail.auth.store import TokenStore
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.testing.mailbox import wait_for_messages, with_subject
+from airflow_provider_o365mail.version_compat import AIRFLOW_V_3_2_PLUS
+
+#: ``airflow o365mail`` where Airflow registers provider CLI commands (>= 3.2), else the module entry.
+CLI = (
+    [sys.executable, "-m", "airflow", "o365mail"]
+    if AIRFLOW_V_3_2_PLUS
+    else [sys.executable, "-m", "airflow_provider_o365mail.cli"]
+)
 
 
 def airflow(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "airflow", "o365mail", *args],
+        [*CLI, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -40,7 +48,7 @@ def json_output(text: str):
 def start_authorize(conn_id: str, *flags: str) -> tuple[subprocess.Popen, str | None]:
     """Start ``airflow o365mail authorize`` and read up to its sign-in link (and the paste prompt)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "o365mail", "authorize", "--conn-id", conn_id, *flags],
+        [*CLI, "authorize", "--conn-id", conn_id, *flags],
         stdin=subprocess.PIPE if "--paste" in flags else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -109,15 +117,24 @@ def test_authorize_loopback_mode(unauthorized_db_conn, o365_sandbox):
     assert f"for {sbx.user}" in output
 
 
-def test_doctor_healthy_and_token_status_and_forget(o365mail_conn):
+def test_doctor_healthy_and_token_status_and_forget(o365mail_conn, o365_sandbox):
     doctor = airflow("doctor", "--conn-id", o365mail_conn, "-o", "json")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     checks = json_output(doctor.stdout)
-    assert [c["link"] for c in checks] == ["connection", "endpoints", "token store", "token", "IMAP", "SMTP"]
+    assert [c["link"] for c in checks] == [
+        "connection",
+        "endpoints",
+        "token store",
+        "refresh token",
+        "token",
+        "IMAP",
+        "SMTP",
+    ]
     assert {c["status"] for c in checks} == {"ok"}
     status = airflow("token-status", "--conn-id", o365mail_conn, "-o", "json")
+    assert status.returncode == 0, status.stdout + status.stderr
     data = json_output(status.stdout)
-    assert data["account"] == os.environ.get("O365_SANDBOX_USER", data["account"])
+    assert data["account"] == o365_sandbox.user, "the account the grant was issued to"
     assert data["store"] == "present" and data["access_token_minutes_left"] > 30
     assert any(s.endswith("SMTP.Send") for s in data["scopes"])
     forget = airflow("forget", "--conn-id", o365mail_conn)
@@ -182,3 +199,36 @@ def test_doctor_reads_the_recorded_secret_expiry(o365mail_conn, monkeypatch, day
     result = airflow("doctor", "--conn-id", o365mail_conn, "-o", "json")
     (expiry,) = [c for c in json_output(result.stdout) if c["link"].startswith("client secret")]
     assert expiry["status"] == status and result.returncode == code
+
+
+@pytest.mark.parametrize(("registered", "status", "code"), [(True, "warn", 0), (False, "fail", 1)])
+def test_doctor_on_a_certificate_connection(o365_sandbox, o365_admin, tmp_path, monkeypatch, registered, status, code):
+    from airflow_provider_o365mail.testing.app_credentials import make_certificate
+
+    pair = make_certificate("doctor-cli", days=10)  # inside the 30-day warning
+    key_path, cert_path = pair.write(tmp_path)
+    if registered:
+        o365_admin.add_certificate(o365_sandbox.client_id, pair.certificate_pem)
+    try:
+        extra = o365_sandbox.connection_extra(
+            refresh_token=o365_sandbox.new_refresh_token(),
+            certificate_path=str(cert_path),
+            certificate_key_path=str(key_path),
+        )
+        conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
+        body = {"conn_type": "o365mail", "login": o365_sandbox.client_id, "extra": extra}
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(body))
+        result = airflow("doctor", "--conn-id", conn_id, "-o", "json")
+        checks = {c["link"]: c for c in json_output(result.stdout)}
+        assert checks["certificate"]["status"] == "warn"
+        assert "CN=doctor-cli" in checks["certificate"]["detail"] and "expires in" in checks["certificate"]["detail"]
+        assert "PRIVATE KEY" not in result.stdout + result.stderr
+        if registered:
+            assert checks["token"]["status"] == "ok" and checks["SMTP"]["status"] == "ok"
+        else:
+            refused = checks["certificate credential"]
+            assert refused["status"] == status and "AADSTS700027" in refused["detail"]
+            assert "Certificates & secrets" in refused["detail"]
+        assert result.returncode == code
+    finally:
+        o365_admin.clear_certificates(o365_sandbox.client_id)

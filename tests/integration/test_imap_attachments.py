@@ -11,6 +11,7 @@ from pathlib import Path
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.operators.imap_attachments import O365ImapAttachmentOperator
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+from airflow_provider_o365mail.testing.airflow_services import wait_until
 from airflow_provider_o365mail.testing.mailbox import append_messages
 
 
@@ -24,8 +25,9 @@ def test_downloads_exact_bytes_filtered_by_name(o365mail_conn, o365_sandbox, tmp
     csv.write_bytes("région;total\r\nÎle;1\n".encode())
     subject = f"attachments {uuid.uuid4().hex[:8]}"
     O365MailHook(o365mail_conn).send_email(to=sbx.user, subject=subject, text_content="x", files=[big, csv])
-    messages = O365ImapSensor(task_id="s", conn_id=o365mail_conn, subject=subject).poke({})
-    assert messages, "mail arrived"
+    sensor = O365ImapSensor(task_id="s", conn_id=o365mail_conn, subject=subject)
+    # Postfix hands the message to Dovecot after the 250: a 3 MB message can take a moment.
+    messages = wait_until(lambda: sensor.poke({}) or None, 60, "the message in the INBOX")
     target = tmp_path / "out"
     written = O365ImapAttachmentOperator(
         task_id="a", conn_id=o365mail_conn, messages=messages.xcom_value, target_dir=target, attachment_name="*.BIN"

@@ -12,7 +12,12 @@ from airflow_provider_o365mail.exceptions import ReauthorizationRequired
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.mail.imap_criteria import CriteriaError
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
-from airflow_provider_o365mail.testing.mailbox import append_messages, imap_session, recreate_folder
+from airflow_provider_o365mail.testing.mailbox import (
+    append_messages,
+    imap_session,
+    recreate_folder,
+    wait_for_messages,
+)
 
 
 def unique(prefix: str = "sensor") -> str:
@@ -81,7 +86,8 @@ def test_new_only_watermark_survives_restarts(o365mail_conn, o365_sandbox):
     assert fresh_sensor().poke({}) is False, "already reported"
     hook.send_email(to=sbx.user, subject=f"{tag} two", text_content="2")
     hook.send_email(to=sbx.user, subject=f"{tag} three", text_content="3")
-    time.sleep(1)
+    # Both delivered before the poke: otherwise it could legitimately report "two" alone.
+    wait_for_messages(sbx, sbx.user, lambda m: m["Subject"] in (f"{tag} two", f"{tag} three"), count=2)
     second = poke_until(fresh_sensor())
     assert [m["subject"] for m in second] == [f"{tag} two", f"{tag} three"]
     assert fresh_sensor().poke({}) is False
@@ -191,5 +197,8 @@ def test_revoked_consent_fails_the_sensor_instead_of_poking_forever(o365mail_con
     assert s.poke({}) is False
     o365_admin.revoke_consent(o365_sandbox.user, o365_sandbox.client_id)
     o365_admin.update_settings(clock_offset=4000)
+    # Exchange ends a session whose token expired (BYE AccessTokenExpired); Dovecot checks tokens only
+    # at login, so the process's reused IMAP session is ended here the way Exchange would end it.
+    O365MailHook(o365mail_conn).imap_pool().close_idle()
     with pytest.raises(ReauthorizationRequired, match=f"airflow o365mail authorize --conn-id {o365mail_conn}"):
         s.poke({})

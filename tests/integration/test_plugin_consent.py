@@ -70,3 +70,24 @@ def test_callback_refuses_a_flow_started_by_another_user(plugin, unauthorized_db
     with client(services, services.admin_token("operator2")) as other:
         refused = other.get(redirect.removeprefix(services.api_url))
     assert refused.status_code == 403 and "another Airflow user" in refused.text
+
+
+def test_check_runs_the_doctors_steps_and_refuses_forgery_unknown_ids_and_viewers(plugin, unauthorized_db_conn):
+    services, _ = plugin
+    path = f"/o365mail/api/check/{unauthorized_db_conn}"
+    header = {"X-O365Mail-Check": "1"}
+    with client(services) as anonymous:
+        assert anonymous.post(path, headers=header).status_code == 401
+    with client(services, services.admin_token("viewer1")) as viewer:
+        assert viewer.post(path, headers=header).status_code == 403
+    with client(services, services.admin_token()) as admin:
+        assert admin.post(path).status_code == 400, "a cross-site form cannot send the header"
+        unknown = admin.post("/o365mail/api/check/ui-does-not-exist", headers=header)
+        assert unknown.status_code == 404 and "There is no connection" in unknown.json()["detail"]
+        checked = admin.post(path, headers=header)
+    assert checked.status_code == 200, checked.text
+    body = checked.json()
+    statuses = {c["link"]: c["status"] for c in body["checks"]}
+    assert statuses["connection"] == "ok" and statuses["endpoints"] == "ok", statuses
+    assert statuses["consent"] == "fail" and statuses["IMAP"] == statuses["SMTP"] == "skip", statuses
+    assert body["state"]["conn_id"] == unauthorized_db_conn and body["state"]["state"] == "needs-consent"

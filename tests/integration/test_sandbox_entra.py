@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import imaplib
 import re
+import secrets
+import ssl
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import msal
 import pytest
@@ -215,7 +220,13 @@ CASES = {
         "invalid_grant",
     ),
     54005: (_code_twice, "invalid_grant"),
-    900144: (lambda s, a: token_post(s, grant_type="refresh_token", refresh_token=fresh_rt(s, a)), "invalid_request"),
+    900144: (
+        lambda s, a: (
+            a.update_settings(refresh_requires_scope=True),
+            token_post(s, grant_type="refresh_token", refresh_token=fresh_rt(s, a)),
+        )[1],
+        "invalid_request",
+    ),
 }
 
 
@@ -271,3 +282,131 @@ def test_injected_faults_and_counters(o365_sandbox, o365_admin):
     token_post(sbx, grant_type="refresh_token", refresh_token="x", scope=DELEGATED_SCOPES)
     assert time.monotonic() - started >= 0.5
     assert o365_admin.counters()["token:refresh_token"] == 3
+
+
+# ---------------------------------------------------------------- loopback redirect URIs, non-MSAL clients
+@pytest.mark.parametrize(
+    ("registered", "requested", "matches"),
+    [
+        ("http://localhost/cb", "http://localhost:50123/cb", True),
+        ("http://localhost:8080/cb", "http://localhost:50123/cb", True),
+        ("http://127.0.0.1/cb", "http://127.0.0.1:50123/cb", True),
+        ("http://127.0.0.1:9/cb", "http://127.0.0.1/cb", True),
+        ("http://127.0.0.1/cb", "http://127.0.0.1:50123/other", False),
+        ("http://127.0.0.1/cb", "http://127.0.0.1:50123/cb?x=1", False),
+        ("http://localhost/cb", "http://127.0.0.1:50123/cb", False),
+        ("http://127.0.0.1/cb", "http://localhost:50123/cb", False),
+        ("http://127.0.0.1/cb", "https://127.0.0.1:50123/cb", False),
+        ("https://app.example/cb", "https://app.example:8443/cb", False),
+        ("http://localhost/cb", "http://localhost:notaport/cb", False),
+        ("http://localhost/cb", "http://localhost.evil.example:80/cb", False),
+    ],
+)
+def test_loopback_redirect_uris_ignore_the_port_only(registered, requested, matches):
+    from airflow_provider_o365mail.testing.entra.directory import App, redirect_uri_registered
+
+    app = App(client_id="c", name="n", redirect_uris=[registered], delegated_permissions={}, secrets=[])
+    assert redirect_uri_registered(app, requested) is matches
+
+
+def _pkce() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def test_plain_http_client_auth_code_pkce_then_refresh_without_scope(o365_sandbox, o365_admin):
+    """What email-oauth2-proxy does with ``requests``/urllib, no MSAL: a loopback redirect on an
+    ephemeral port, PKCE S256, then refreshes that send no ``scope`` at all."""
+    sbx = o365_sandbox
+    o365_admin.add_redirect_uri(sbx.client_id, "http://127.0.0.1/emailproxy")
+    session = tls_session(sbx.ca_file)
+    redirect_uri = "http://127.0.0.1:49152/emailproxy"  # registered without a port
+    scope = "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access"
+    verifier, challenge = _pkce()
+    state = secrets.token_urlsafe(16)
+    auth_uri = f"{sbx.authority}/oauth2/v2.0/authorize?" + urlencode(
+        {
+            "client_id": sbx.client_id,
+            "response_type": "code",
+            "redirect_uri": redirect_uri,
+            "scope": scope,
+            "state": state,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "login_hint": sbx.second_user,
+            "prompt": "consent",
+        }
+    )
+    location = o365_admin.sign_in(auth_uri, login=sbx.second_user, password=sbx.user_password)
+    assert location.startswith(redirect_uri + "?"), "redirected to the port the client listens on"
+    params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+    assert params["state"] == state and "error" not in params
+    token_url = f"{sbx.authority}/oauth2/v2.0/token"
+    client = {"client_id": sbx.client_id, "client_secret": sbx.client_secret}
+    wrong_verifier = session.post(
+        token_url,
+        data={**client, "grant_type": "authorization_code", "code": params["code"], "redirect_uri": redirect_uri,
+              "code_verifier": _pkce()[0]},
+        timeout=30,
+    )  # fmt: skip
+    assert wrong_verifier.status_code == 400, "PKCE is checked"
+    # Entra may burn a code on a failed redemption: sign in again for a fresh one.
+    location = o365_admin.sign_in(auth_uri, login=sbx.second_user, password=sbx.user_password)
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    first = session.post(
+        token_url,
+        data={**client, "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+              "code_verifier": verifier},
+        timeout=30,
+    )  # fmt: skip
+    assert first.status_code == 200, first.text
+    granted = set(first.json()["scope"].split())
+    assert granted == {"https://outlook.office.com/IMAP.AccessAsUser.All", "https://outlook.office.com/SMTP.Send"}
+
+    refresh_token = first.json()["refresh_token"]
+    for _ in range(2):  # the rotated token, too, remembers what was granted
+        refreshed = session.post(
+            token_url, data={**client, "grant_type": "refresh_token", "refresh_token": refresh_token}, timeout=30
+        )
+        assert refreshed.status_code == 200, refreshed.text
+        body = refreshed.json()
+        assert set(body["scope"].split()) == granted
+        assert body["refresh_token"] != refresh_token
+        refresh_token = body["refresh_token"]
+    # The access token from a scope-less refresh opens the mailbox (Exchange checks scp).
+    context = ssl.create_default_context(cafile=sbx.ca_file)
+    imap = imaplib.IMAP4_SSL("127.0.0.1", sbx.imap_port, ssl_context=context, timeout=15)
+    auth = f"user={sbx.second_user}\x01auth=Bearer {body['access_token']}\x01\x01".encode()
+    try:
+        assert imap.authenticate("XOAUTH2", lambda _: auth)[0] == "OK"
+    finally:
+        imap.logout()
+
+    # Opt-in strictness: the v2 endpoint's documented "scope is required".
+    o365_admin.update_settings(refresh_requires_scope=True)
+    strict = session.post(
+        token_url, data={**client, "grant_type": "refresh_token", "refresh_token": refresh_token}, timeout=30
+    )
+    assert strict.status_code == 400 and strict.json()["error_codes"] == [900144]
+
+
+def test_loopback_redirect_on_any_port_through_the_authorize_endpoint(o365_sandbox):
+    """The sandbox registers ``http://localhost/o365mail/callback``: any port is fine, another host is not."""
+    sbx = o365_sandbox
+    session = tls_session(sbx.ca_file)
+
+    def authorize(redirect_uri):
+        return session.get(
+            f"{sbx.authority}/oauth2/v2.0/authorize",
+            params={"client_id": sbx.client_id, "response_type": "code", "redirect_uri": redirect_uri,
+                    "scope": DELEGATED_SCOPES, "prompt": "login"},
+            allow_redirects=False,
+            timeout=10,
+        )  # fmt: skip
+
+    assert urlsplit(REDIRECT_URI).port is None
+    ok = authorize(REDIRECT_URI.replace("localhost", "localhost:61234"))
+    assert ok.status_code == 200 and 'name="flow"' in ok.text
+    refused = authorize(REDIRECT_URI.replace("localhost", "127.0.0.2:61234"))
+    assert refused.status_code == 400 and "AADSTS50011" in refused.text

@@ -20,7 +20,7 @@ from airflow_provider_o365mail.exceptions import (
     TlsRequiredError,
 )
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.smtp_sender import SmtpBatchSender
+from airflow_provider_o365mail.retry import Backoff
 from airflow_provider_o365mail.testing.fake_smtp import FakeSmtpServer, SmtpScript
 from airflow_provider_o365mail.testing.tls import make_untrusted_certificate
 
@@ -92,7 +92,7 @@ def test_auth_happens_after_starttls_and_after_the_334_prompt(fake_conn):
 
 def test_432_concurrent_connection_limit_is_retried(fake_conn):
     server, hook = fake_conn(connect_replies=deque(["432 4.3.2 Concurrent connections limit exceeded"] * 2))
-    with SmtpBatchSender(hook, sleep=no_sleep) as sender:
+    with hook.smtp_batch_sender(sleep=no_sleep) as sender:
         result = sender.send(message(hook))
     assert result.accepted == ("rcpt@o365.sandbox.test",)
     assert len(server.sessions) == 3 and len(server.delivered) == 1
@@ -101,7 +101,9 @@ def test_432_concurrent_connection_limit_is_retried(fake_conn):
 def test_temporary_failures_give_up_after_bounded_attempts(fake_conn):
     server, hook = fake_conn(connect_replies=deque(["432 4.3.2 Concurrent connections limit exceeded"] * 10))
     slept: list[float] = []
-    sender = SmtpBatchSender(hook, max_attempts=4, backoff=1.0, max_backoff=3.0, sleep=slept.append)
+    sender = hook.smtp_batch_sender(
+        retry=Backoff(first=1.0, maximum=3.0, attempts=4, jitter=(0.75, 1.0)), sleep=slept.append
+    )
     with pytest.raises(MailServerError, match=r"failed 4 times .*432 4\.3\.2.*Airflow pool") as err, sender:
         sender.send(message(hook))
     assert not isinstance(err.value, MessageRejectedError)
@@ -117,7 +119,7 @@ def test_refused_recipients_are_reported_per_address_and_temporary_ones_retried(
         }
     )
     out = message(hook, to="ok@o365.sandbox.test, gone@o365.sandbox.test, busy@o365.sandbox.test")
-    with SmtpBatchSender(hook, sleep=no_sleep) as sender:
+    with hook.smtp_batch_sender(sleep=no_sleep) as sender:
         result = sender.send(out)
     assert set(result.accepted) == {"ok@o365.sandbox.test", "busy@o365.sandbox.test"}
     assert list(result.refused) == ["gone@o365.sandbox.test"]
@@ -155,14 +157,25 @@ def test_batch_uses_one_session_and_survives_a_dropped_connection(fake_conn):
 
 
 def test_batch_logs_in_again_before_the_token_expires(fake_conn, o365_admin):
-    """Tokens live 303 s here; with a 301 s margin the session must re-authenticate 2 s after login."""
+    """Tokens live 600 s; once the sender's clock says 400 s passed, the 300 s margin forces a new login.
+
+    The clock is injected, so no real time has to pass. Token expiries are computed from the real
+    clock, so the second token is issued with a long lifetime: it stays outside the margin even on
+    the advanced clock, and the batch logs in again exactly once.
+    """
     server, hook = fake_conn()
-    o365_admin.update_settings(access_token_lifetime=303)
+    o365_admin.update_settings(access_token_lifetime=600)
+    skew = 0.0
+
+    def clock() -> float:
+        return time.time() + skew
+
     outgoing = [hook.compose(to="rcpt@o365.sandbox.test", subject=f"m{i}", text_content="x") for i in range(6)]
-    with SmtpBatchSender(hook, reauth_margin=301, sleep=no_sleep) as sender:
+    with hook.smtp_batch_sender(reauth_margin=300, clock=clock, sleep=no_sleep) as sender:
         for index, out in enumerate(outgoing):
             if index == 3:
-                time.sleep(2.5)
+                o365_admin.update_settings(access_token_lifetime=3900)
+                skew = 400.0
             sender.send(out)
     assert len(server.delivered) == 6
     assert [s.auth_commands for s in server.sessions] == [1, 1], "re-authenticated once, mid-batch"

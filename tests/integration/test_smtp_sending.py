@@ -12,6 +12,7 @@ from airflow_provider_o365mail.exceptions import MessageRejectedError, Recipient
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.operators.smtp import O365SmtpOperator
 from airflow_provider_o365mail.testing.mailbox import wait_for_messages, with_subject
+from airflow_provider_o365mail.version_compat import AIRFLOW_V_3_3_PLUS
 
 PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0000003010100"
@@ -185,7 +186,10 @@ def test_notifier_and_email_backend_in_real_task_failures(o365mail_conn, o365_sa
     (notified,) = wait_for_messages(sbx, sbx.user, lambda m: m["X-Tag"] == tag)
     assert str(notified["Subject"]).startswith("[Airflow] o365_alerts.breaks_with_notifier: failed")
     body = notified.get_body(("html",)).get_content()
-    assert "breaks_with_notifier" in body and "disk full on the report volume" in body
+    assert "breaks_with_notifier" in body
+    if AIRFLOW_V_3_3_PLUS:  # before 3.3, `airflow dags test` (InProcessTestSupervisor) leaves the exception
+        # out of the callback context; real workers (task_runner.main) put it there on 3.1 and 3.2 too.
+        assert "disk full on the report volume" in body
     (legacy,) = wait_for_messages(
         sbx, sbx.user, lambda m: "task_id='breaks_with_email_backend' dag_id='o365_alerts'" in str(m["Subject"])
     )

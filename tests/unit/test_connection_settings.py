@@ -81,6 +81,19 @@ def test_client_credentials_defaults_and_checks():
         )
 
 
+def test_a_public_client_has_no_credential_and_acts_only_for_a_user():
+    s = settings_from_fields("c", "client", "", {**BASE, "credential_type": "public_client"})
+    assert s.public_client and s.delegated and not s.client_secret
+    with pytest.raises(ConnectionConfigError, match="also has a client secret"):
+        settings_from_fields("c", "client", "secret", {**BASE, "credential_type": "public_client"})
+    with pytest.raises(ConnectionConfigError, match="need a confidential client"):
+        settings_from_fields(
+            "c", "client", "", {**BASE, "credential_type": "public_client", "grant_type": "client_credentials"}
+        )
+    with pytest.raises(ConnectionConfigError, match="public_client"):  # no secret at all: the hint names it
+        settings_from_fields("c", "client", "", dict(BASE))
+
+
 def test_reserved_scopes_are_dropped_because_msal_adds_them():
     s = settings_from_fields(
         "c", "client", "secret", {**BASE, "scopes": "offline_access openid https://outlook.office.com/SMTP.Send"}

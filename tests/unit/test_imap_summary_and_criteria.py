@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import json
 from collections import namedtuple
 
@@ -155,9 +156,70 @@ def test_cap_keeps_the_oldest_and_holds_the_watermark_back():
 
 
 def test_watermark_keeps_recent_message_ids_and_resets_on_uidvalidity_change():
-    mark = FolderWatermark(uidvalidity=1, last_uid=5, seen_message_ids=["<a>"])
+    mark = FolderWatermark(uidvalidity=1, last_uid=5, seen_keys=["<a>"])
     same = mark.advanced(1, 9, ["<b>", "<a>"])
-    assert same.last_uid == 9 and same.seen_message_ids == ["<b>", "<a>"]
+    assert same.last_uid == 9 and same.seen_keys == ["<b>", "<a>"]
     moved = same.advanced(2, 3, ["<c>"])
-    assert moved.uidvalidity == 2 and moved.last_uid == 3 and moved.seen_message_ids[-1] == "<c>"
-    assert len(FolderWatermark(1, 0).advanced(1, 1, [f"<{i}>" for i in range(5000)]).seen_message_ids) == 2000
+    assert moved.uidvalidity == 2 and moved.last_uid == 3 and moved.seen_keys[-1] == "<c>"
+    assert len(FolderWatermark(1, 0).advanced(1, 1, [f"<{i}>" for i in range(5000)]).seen_keys) == 2000
+
+
+def test_summary_from_a_partial_header_matches_what_envelope_gives():
+    header = (
+        b"From: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <juergen@supplier.example>\r\n"
+        b'To: ap@contoso.com, "Boss, The" <boss@contoso.com>\r\n'
+        b"Cc: team@contoso.com\r\n"
+        b"Subject: =?utf-8?q?Rechnung_f=C3=BCr?= November\r\n"
+        b"Date: Tue, 03 Nov 2026 10:00:00 +0100\r\n"
+        b"Message-ID: <inv-7@supplier.example>\r\n\r\n"
+    )
+    summary = summarize("INBOX", 3, 7, {b"BODY[HEADER]<0>": header, b"RFC822.SIZE": 1234, b"FLAGS": (b"\\Seen",)})
+    envelope_from = summarize(
+        "INBOX",
+        3,
+        7,
+        {
+            b"ENVELOPE": Envelope(
+                None,
+                b"",
+                (Address("Jürgen Müller".encode(), None, b"juergen", b"supplier.example"),),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                b"",
+            )
+        },
+    )["from"]
+    assert summary["from"] == envelope_from == email.utils.formataddr(("Jürgen Müller", "juergen@supplier.example"))
+    assert summary["to"] == ["ap@contoso.com", '"Boss, The" <boss@contoso.com>']
+    assert summary["cc"] == ["team@contoso.com"]
+    assert summary["subject"] == "Rechnung für November"
+    assert summary["message_id"] == "<inv-7@supplier.example>"
+    assert summary["date"] == "2026-11-03T10:00:00+01:00"
+    assert summary["size"] == 1234 and summary["flags"] == ["\\Seen"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=2000))
+def test_summary_from_any_header_bytes_never_raises(raw):
+    summary = summarize("INBOX", 1, 1, {b"BODY[HEADER]<0>": raw})
+    json.dumps(summary)
+
+
+LEAF = (b"application", b"pdf", (b"name", b"x.pdf"), None, None, b"base64", 10, None, (b"attachment", None), None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(0, 12_000), depth=st.integers(0, 3_000))
+def test_summary_of_huge_and_deep_structures_never_raises(width, depth):
+    body: object = ([LEAF] * width, b"mixed")
+    for _ in range(depth):
+        body = ([body], b"mixed")
+    summary = summarize("INBOX", 1, 1, {b"BODYSTRUCTURE": body, b"BODY[HEADER]<0>": b"Subject: s\r\n\r\n"})
+    json.dumps(summary)
+    assert summary["subject"] == "s"
+    if depth < 500:  # what a Python parser can walk; deeper structures report no attachments, never fail
+        assert len(summary["attachments"]) == width

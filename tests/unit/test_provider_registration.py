@@ -5,6 +5,7 @@ import subprocess
 import sys
 from importlib.metadata import distribution, entry_points
 
+from airflow_provider_o365mail.connection_defaults import CONN_FIELDS
 from airflow_provider_o365mail.get_provider_info import get_provider_info
 
 
@@ -26,41 +27,37 @@ def test_secret_fields_are_masked_and_named_so():
 
 
 def test_providers_manager_and_hook_meta_see_the_connection_type():
+    """The form the UI gets: from ``conn-fields`` on Airflow >= 3.2, from the hook's methods on 3.1."""
     code = """
-import json
+import json, warnings
 from airflow.providers_manager import ProvidersManager
 pm = ProvidersManager()
 from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
-meta = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "o365mail"]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    meta = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "o365mail"]
 print(json.dumps({
   "provider": "airflow-provider-o365mail" in pm.providers,
   "hook": pm.hooks["o365mail"].hook_class_name if "o365mail" in pm.hooks else None,
   "meta": [m.model_dump(mode="json") for m in meta],
+  "warnings": [str(w.message) for w in caught if "O365MailHook" in str(w.message)],
 }))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["provider"] is True
     assert result["hook"] == "airflow_provider_o365mail.hooks.o365mail.O365MailHook"
+    assert result["warnings"] == []  # 3.2+ skips the hook's legacy methods when conn-fields are declared
     (meta,) = result["meta"]
     assert meta["hook_name"] == "Microsoft 365 Mail (OAuth2)"
     extra = meta["extra_fields"]
-    for name in (
-        "tenant_id",
-        "authority",
-        "grant_type",
-        "mailbox",
-        "refresh_token",
-        "scopes",
-        "imap_host",
-        "imap_port",
-        "smtp_host",
-        "smtp_port",
-        "cloud",
-        "ca_bundle",
-        "timeout",
-    ):
-        assert name in extra, name
+    assert set(extra) == set(CONN_FIELDS)
+    for name, spec in CONN_FIELDS.items():
+        assert extra[name]["schema"]["type"] == spec["schema"]["type"], name
+        assert extra[name]["schema"].get("enum") == spec["schema"].get("enum"), name
+        assert extra[name]["value"] == spec["schema"].get("default"), name
+        assert extra[name]["description"] == spec["description"], name
+        assert spec["label"] in (extra[name]["schema"].get("title"), extra[name].get("title")), name
     assert extra["refresh_token"]["schema"]["format"] == "password"
     assert meta["standard_fields"]["login"]["title"] == "Client ID"
     assert meta["standard_fields"]["password"]["title"] == "Client secret"

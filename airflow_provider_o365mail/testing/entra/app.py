@@ -18,8 +18,9 @@ from urllib.parse import urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from airflow_provider_o365mail.testing.entra import errors, pages
-from airflow_provider_o365mail.testing.entra.directory import Directory, Fault
+from airflow_provider_o365mail.testing.entra import errors, pages, scopes
+from airflow_provider_o365mail.testing.entra.device_flow import DEVICE_CODE_GRANT, DeviceFlows
+from airflow_provider_o365mail.testing.entra.directory import Directory, Fault, FederatedCredential
 from airflow_provider_o365mail.testing.entra.errors import AadstsError
 
 FLOW_LIFETIME = 900
@@ -35,6 +36,7 @@ def _error_response(error: AadstsError) -> JSONResponse:
 def create_app(directory: Directory, admin_key: str) -> FastAPI:
     app = FastAPI(title="Entra ID sandbox", docs_url=None, redoc_url=None, openapi_url=None)
     pending: dict[str, dict[str, Any]] = {}
+    device_flows = DeviceFlows(directory)
 
     def base(request: Request) -> str:
         return f"https://{request.url.netloc}"
@@ -193,7 +195,7 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
     async def authorize_submit(tenant: str, request: Request) -> Response:
         form = {k: str(v) for k, v in (await request.form()).items()}
         flow = pending.get(form.get("flow", ""))
-        if flow is None or time.monotonic() - flow["created"] > FLOW_LIFETIME:
+        if flow is None or "device" in flow or time.monotonic() - flow["created"] > FLOW_LIFETIME:
             body = AadstsError("invalid_request", 90014, "The sign-in session expired. Start again.").body()
             return HTMLResponse(pages.error_page("Sign in to your account", body), status_code=400)
         if form.get("decision") != "accept":
@@ -230,7 +232,10 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.status >= 400:
-                error = errors.throttled() if fault.status == 429 else errors.service_unavailable()
+                if fault.aadsts is not None:
+                    error = errors.injected(fault.aadsts, fault.error, fault.status)
+                else:
+                    error = errors.throttled() if fault.status == 429 else errors.service_unavailable()
                 response = JSONResponse(error.body(), status_code=fault.status)
                 if fault.retry_after is not None:
                     response.headers["Retry-After"] = str(fault.retry_after)
@@ -243,8 +248,21 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
             client_id, _, client_secret = decoded.partition(":")
         if not grant_type:
             raise errors.missing_parameter("grant_type")
-        app_reg = directory.authenticate_client(client_id, client_secret)
-        if grant_type == "authorization_code":
+        endpoints = frozenset(
+            f"{base(request)}/{t}/oauth2/v2.0/token" for t in {tenant, directory.tenant_id, directory.tenant_domain}
+        )
+        # In a thread: a federated token may need its issuer's keys fetched.
+        app_reg = await asyncio.to_thread(
+            directory.authenticate_client,
+            client_id,
+            client_secret,
+            form,
+            endpoints,
+            public_grant=grant_type in (DEVICE_CODE_GRANT, "refresh_token"),
+        )
+        if grant_type == DEVICE_CODE_GRANT:
+            body = device_flows.poll(app_reg, form)
+        elif grant_type == "authorization_code":
             body = directory.redeem_code(app_reg, form)
         elif grant_type == "refresh_token":
             body = directory.redeem_refresh_token(app_reg, form)
@@ -255,6 +273,85 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
         if form.get("client_info") != "1":
             body.pop("client_info", None)
         return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    # ------------------------------------------------------------------ device code
+    @app.post("/{tenant}/oauth2/v2.0/devicecode")
+    async def devicecode(tenant: str, request: Request) -> JSONResponse:
+        check_tenant(tenant)
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        record = device_flows.start(form.get("client_id"), form.get("scope"))
+        verification_uri = f"{base(request)}/common/oauth2/deviceauth"
+        return JSONResponse(
+            {
+                "user_code": record.user_code,
+                "device_code": record.device_code,
+                "verification_uri": verification_uri,
+                "expires_in": int(record.expires_at - record.issued_at),
+                "interval": record.interval,
+                "message": f"To sign in, use a web browser to open the page {verification_uri} and enter the code "
+                f"{record.user_code} to authenticate.",
+            }
+        )
+
+    @app.get("/common/oauth2/deviceauth")
+    async def device_page() -> HTMLResponse:
+        return HTMLResponse(pages.device_code_page())
+
+    @app.post("/common/oauth2/deviceauth")
+    async def device_submit(request: Request) -> HTMLResponse:
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        if "otc" in form:  # step 1: the code typed by the person
+            try:
+                record = device_flows.for_user_code(form["otc"])
+            except AadstsError as exc:
+                return HTMLResponse(pages.device_code_page(error=exc.body()["error_description"]), status_code=400)
+            flow_id = secrets.token_urlsafe(24)
+            pending[flow_id] = {"device": record, "created": time.monotonic()}
+            app_reg = directory.app(record.client_id)
+            _, wanted = directory.requested_permissions(app_reg, scopes.parse(record.scope))
+            shown = scopes.parse(record.scope).qualified(wanted) + sorted(scopes.parse(record.scope).oidc)
+            return HTMLResponse(
+                pages.sign_in_page(flow_id=flow_id, app_name=app_reg.name, permissions=shown, login_hint="")
+            )
+        flow = pending.get(form.get("flow", ""))  # step 2: sign-in and consent
+        if flow is None or "device" not in flow or time.monotonic() - flow["created"] > FLOW_LIFETIME:
+            return HTMLResponse(
+                pages.device_code_page(error="The sign-in session expired. Start again."), status_code=400
+            )
+        record = flow["device"]
+        if form.get("decision") != "accept":
+            pending.pop(form["flow"], None)
+            device_flows.decide(record, None)
+            return HTMLResponse(pages.device_done_page(app_name=directory.app(record.client_id).name, accepted=False))
+        try:
+            user = directory.sign_in(form.get("login", ""), form.get("passwd", ""))
+        except AadstsError as exc:
+            app_reg = directory.app(record.client_id)
+            return HTMLResponse(
+                pages.sign_in_page(
+                    flow_id=form["flow"],
+                    app_name=app_reg.name,
+                    permissions=record.scope.split(),
+                    login_hint=form.get("login", ""),
+                    error=exc.message if exc.code == 53003 else "Your account or password is incorrect.",
+                )
+            )
+        pending.pop(form["flow"], None)
+        device_flows.decide(record, user.upn)
+        return HTMLResponse(pages.device_done_page(app_name=directory.app(record.client_id).name, accepted=True))
+
+    @app.get("/_sandbox/admin/device-flows")
+    async def device_flow_stats(request: Request) -> JSONResponse:
+        require_admin(request)
+        return JSONResponse({"flows": device_flows.stats()})
+
+    @app.post("/_sandbox/admin/apps/{client_id}/public-client")
+    async def set_public_client(client_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        allowed = bool((await request.json())["allowed"])
+        return JSONResponse(
+            {"allow_public_client": directory.set_public_client(client_id, allowed).allow_public_client}
+        )
 
     # ------------------------------------------------------------------ Exchange's side
     @app.post("/_sandbox/exchange/introspect")
@@ -352,6 +449,31 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
     async def remove_secret(client_id: str, secret_id: str, request: Request) -> JSONResponse:
         require_admin(request)
         directory.remove_secret(client_id, secret_id)
+        return JSONResponse({})
+
+    @app.post("/_sandbox/admin/apps/{client_id}/certificates")
+    async def add_certificate(client_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        credential = directory.add_certificate(client_id, (await request.json())["certificate"])
+        return JSONResponse(asdict(credential))
+
+    @app.post("/_sandbox/admin/apps/{client_id}/federated-credentials")
+    async def add_federated_credential(client_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        payload = await request.json()
+        credential = FederatedCredential(
+            name=payload.get("name", "sandbox"),
+            issuer=payload["issuer"],
+            subject=payload["subject"],
+            audiences=list(payload.get("audiences") or ["api://AzureADTokenExchange"]),
+        )
+        return JSONResponse(asdict(directory.add_federated_credential(client_id, credential)))
+
+    @app.delete("/_sandbox/admin/apps/{client_id}/{kind}")
+    async def clear_app_credentials(client_id: str, kind: str, request: Request) -> JSONResponse:
+        """``kind``: ``certificates`` or ``federated-credentials``."""
+        require_admin(request)
+        directory.clear_credentials(client_id, kind.replace("-", "_"))
         return JSONResponse({})
 
     @app.post("/_sandbox/admin/consent")

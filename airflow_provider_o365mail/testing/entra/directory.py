@@ -27,9 +27,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import jwt
+import requests
+from cryptography import x509
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -38,6 +40,18 @@ from airflow_provider_o365mail.testing.entra import errors, scopes
 from airflow_provider_o365mail.testing.entra.errors import AadstsError
 
 EXCHANGE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: PyJWT checks only the signature; the claims are checked here, each with Entra's own refusal.
+SIGNATURE_ONLY = {
+    "verify_aud": False,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_sub": False,
+    "verify_jti": False,
+}
+#: Clock skew allowed on a client assertion's ``nbf`` and ``exp``.
+ASSERTION_SKEW = 300
 AUTH_CODE_LIFETIME = 600
 DAY = 86400
 
@@ -78,6 +92,28 @@ class Secret:
 
 
 @dataclass
+class KeyCredential:
+    """A certificate uploaded to an app registration (its public part only)."""
+
+    key_id: str
+    certificate_pem: str
+    #: base64url SHA-256 and SHA-1 of the DER certificate: what ``x5t#S256`` / ``x5t`` carry.
+    x5t_s256: str
+    x5t: str
+    expires_at: float
+
+
+@dataclass
+class FederatedCredential:
+    """A federated identity credential: tokens of ``issuer`` for ``subject`` with one of ``audiences``."""
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: list[str]
+
+
+@dataclass
 class App:
     client_id: str
     name: str
@@ -88,6 +124,11 @@ class App:
     app_roles: dict[str, list[str]] = field(default_factory=dict)
     #: Mailboxes the service principal may open (Add-MailboxPermission).
     mailbox_permissions: list[str] = field(default_factory=list)
+    certificates: list[KeyCredential] = field(default_factory=list)
+    federated_credentials: list[FederatedCredential] = field(default_factory=list)
+    #: "Allow public client flows" (Authentication > Advanced settings): token requests without a
+    #: credential (device code, and refreshing its grants) are accepted.
+    allow_public_client: bool = False
 
 
 @dataclass
@@ -109,6 +150,18 @@ class Settings:
     refresh_token_max_inactive: int = 90 * DAY
     strict_rotation: bool = False
     clock_offset: float = 0.0
+    #: Entra answers a refresh without ``scope`` with the scopes originally granted; True answers
+    #: AADSTS900144 instead (as the v2 docs' "required" reads), to test clients that always send one.
+    refresh_requires_scope: bool = False
+    #: Refuse a client assertion whose ``jti`` was seen before (until its ``exp``). Microsoft documents
+    #: ``jti`` as unique per assertion; note that MSAL reuses one assertion for up to 9 minutes within
+    #: one application object, which Entra accepts: turn this off to test such clients.
+    reject_replayed_assertions: bool = True
+    #: Device code flow: lifetime of a code (Microsoft: 900 s), the polling interval it announces,
+    #: and how many of each code's first polls are answered ``slow_down`` (tests of the back-off).
+    device_code_lifetime: int = 900
+    device_code_interval: int = 5
+    device_code_slow_down: int = 0
 
 
 @dataclass
@@ -119,6 +172,9 @@ class Fault:
     count: int = 1
     retry_after: int | None = None
     delay: float = 0.0
+    #: answer with this AADSTS code (``errors.TRANSIENT_TEXTS``) and OAuth ``error`` instead of 503/429
+    aadsts: int | None = None
+    error: str = "invalid_grant"
 
 
 @dataclass
@@ -134,15 +190,32 @@ class AuthCode:
     redeemed: bool = False
 
 
+#: Loopback hosts whose redirect URIs match on any port (RFC 8252 7.3; Entra's "localhost exceptions").
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1"})
+
+
 def redirect_uri_registered(app: App, redirect_uri: str) -> bool:
-    """Exact match, except that ``http://localhost`` URIs match on any port (as in Entra ID)."""
+    """Exact match, except that ``http://localhost`` and ``http://127.0.0.1`` URIs ignore the port.
+
+    Native apps (CLIs, email-oauth2-proxy) listen on an ephemeral port, so Entra ignores the port
+    of loopback redirect URIs. Scheme, host, path and query must still match: ``localhost`` and
+    ``127.0.0.1`` are not interchangeable.
+    """
     if redirect_uri in app.redirect_uris:
         return True
-    parsed = urlsplit(redirect_uri)
-    if parsed.scheme != "http" or parsed.hostname != "localhost":
-        return False
-    portless = urlunsplit((parsed.scheme, "localhost", parsed.path, parsed.query, ""))
-    return any(urlunsplit(urlsplit(u)._replace(netloc="localhost")) == portless for u in app.redirect_uris)
+
+    def portless(uri: str) -> tuple[str, str, str, str] | None:
+        parts = urlsplit(uri)
+        try:
+            parts.port  # noqa: B018 - a malformed port ("localhost:x") is no match, not an error page
+        except ValueError:
+            return None
+        if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS:
+            return None
+        return parts.scheme, parts.hostname, parts.path, parts.query
+
+    wanted = portless(redirect_uri)
+    return wanted is not None and any(portless(u) == wanted for u in app.redirect_uris)
 
 
 class Directory:
@@ -160,6 +233,10 @@ class Directory:
         self.counters: Counter[str] = Counter()
         self._codes: dict[str, AuthCode] = {}
         self._redeemed_refresh_tokens: set[str] = set()
+        self._seen_assertions: dict[str, float] = {}
+        self._issuer_keys: dict[str, dict[str, Any]] = {}
+        #: CA bundle for fetching federated issuers' discovery documents (set by the server).
+        self.issuer_trust: str | bool = True
         self._lock = threading.RLock()
         self._signing_key, self._seal = self._load_keys()
         self.kid = _b64url(hashlib.sha256(self.public_key_pem()).digest()[:20])
@@ -197,6 +274,8 @@ class Directory:
         self.apps = {}
         for k, v in data["apps"].items():
             v["secrets"] = [Secret(**s) for s in v["secrets"]]
+            v["certificates"] = [KeyCredential(**c) for c in v.get("certificates", [])]
+            v["federated_credentials"] = [FederatedCredential(**f) for f in v.get("federated_credentials", [])]
             self.apps[k] = App(**v)
         self.grants = {k: Grant(**v) for k, v in data["grants"].items()}
         self.settings = Settings(**data["settings"])
@@ -340,6 +419,36 @@ class Directory:
             app.secrets = [s for s in app.secrets if s.secret_id != secret_id]
             self.save()
 
+    def add_certificate(self, client_id: str, certificate_pem: str) -> KeyCredential:
+        """Upload a certificate's public part to the app (Certificates & secrets > Certificates)."""
+        certificate = x509.load_pem_x509_certificate(certificate_pem.encode())
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        credential = KeyCredential(
+            key_id=str(uuid.uuid4()),
+            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            x5t_s256=_b64url(hashlib.sha256(der).digest()),
+            x5t=_b64url(hashlib.sha1(der).digest()),  # noqa: S324 - the x5t header is SHA-1 by definition
+            expires_at=certificate.not_valid_after_utc.timestamp(),
+        )
+        with self._lock:
+            self.app(client_id).certificates.append(credential)
+            self.save()
+        return credential
+
+    def add_federated_credential(self, client_id: str, credential: FederatedCredential) -> FederatedCredential:
+        with self._lock:
+            self.app(client_id).federated_credentials.append(credential)
+            self.save()
+        return credential
+
+    def clear_credentials(self, client_id: str, kind: str) -> None:
+        """Remove every ``certificates`` or ``federated_credentials`` entry of the app."""
+        if kind not in ("certificates", "federated_credentials"):
+            raise KeyError(f"no credential kind {kind!r}")
+        with self._lock:
+            getattr(self.app(client_id), kind).clear()
+            self.save()
+
     def update_settings(self, **values: Any) -> Settings:
         with self._lock:
             for name, value in values.items():
@@ -364,13 +473,36 @@ class Directory:
             return grant
 
     # ----------------------------------------------------------------- client authentication
-    def authenticate_client(self, client_id: str | None, client_secret: str | None) -> App:
+    def authenticate_client(
+        self,
+        client_id: str | None,
+        client_secret: str | None,
+        form: dict[str, str] | None = None,
+        token_endpoints: frozenset[str] = frozenset(),
+        *,
+        public_grant: bool = False,
+    ) -> App:
+        """The app whose secret or client assertion (certificate or federated token) the request carries.
+
+        :param token_endpoints: the URLs of the token endpoint the request reached: a client
+            assertion's ``aud`` must be one of them.
+        :param public_grant: a grant a public client may use (device code, refresh token): without
+            any credential it is accepted when the app allows public client flows (else AADSTS7000218).
+        """
         if not client_id:
             raise errors.missing_parameter("client_id")
         app = self.apps.get(client_id)
         if app is None:
             raise errors.application_not_found(client_id, self.tenant_id)
+        form = form or {}
+        if form.get("client_assertion"):
+            if form.get("client_assertion_type") != JWT_BEARER:
+                raise errors.missing_parameter("client_assertion_type")
+            self.verify_client_assertion(app, form["client_assertion"], token_endpoints)
+            return app
         if not client_secret:
+            if public_grant and app.allow_public_client:
+                return app
             raise errors.client_secret_missing()
         now = self.now()
         matching = [s for s in app.secrets if secrets.compare_digest(s.value, client_secret)]
@@ -379,6 +511,131 @@ class Directory:
         if all(s.expires_at <= now for s in matching):
             raise errors.client_secret_expired(client_id)
         return app
+
+    def verify_client_assertion(self, app: App, assertion: str, token_endpoints: frozenset[str]) -> None:
+        """Check a ``private_key_jwt`` assertion as Entra does: a certificate's, or a federated token.
+
+        A certificate assertion names its certificate by thumbprint (``x5t#S256``, or SHA-1 ``x5t``);
+        anything else is taken as a federated token and matched against the app's federated
+        credentials on issuer, audience and subject before its signature is checked with the
+        issuer's published keys.
+        """
+        try:
+            header = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise errors.invalid_jwt("Token format is not valid.") from None
+        if header.get("x5t#S256") or header.get("x5t"):
+            self._verify_certificate_assertion(app, assertion, header, claims, token_endpoints)
+        else:
+            self._verify_federated_token(app, assertion, header, claims)
+
+    def _check_lifetime(self, claims: dict) -> None:
+        now = self.now()
+        expires = claims.get("exp")
+        if not isinstance(expires, int | float):
+            raise errors.invalid_jwt("The token has no 'exp' claim.")
+        not_before = claims.get("nbf")
+        too_early = isinstance(not_before, int | float) and not_before > now + ASSERTION_SKEW
+        if too_early or now > expires + ASSERTION_SKEW:
+            raise errors.assertion_time_range(now, not_before if isinstance(not_before, int | float) else None, expires)
+
+    def _verify_certificate_assertion(
+        self, app: App, assertion: str, header: dict, claims: dict, token_endpoints: frozenset[str]
+    ) -> None:
+        thumbprint_b64 = header.get("x5t#S256") or header.get("x5t")
+        padded = str(thumbprint_b64) + "=" * (-len(str(thumbprint_b64)) % 4)
+        try:
+            thumbprint = base64.urlsafe_b64decode(padded).hex().upper()
+        except ValueError:
+            thumbprint = str(thumbprint_b64)
+        # MSAL Python sends the base64url thumbprint with its '=' padding; Entra accepts both forms.
+        if header.get("x5t#S256"):
+            wanted = str(header["x5t#S256"]).rstrip("=")
+            registered = next((c for c in app.certificates if c.x5t_s256 == wanted), None)
+        else:
+            wanted = str(header.get("x5t")).rstrip("=")
+            registered = next((c for c in app.certificates if c.x5t == wanted), None)
+        if registered is None or registered.expires_at <= self.now():
+            raise errors.certificate_not_registered(app.client_id, thumbprint)
+        public_key = x509.load_pem_x509_certificate(registered.certificate_pem.encode()).public_key()
+        try:
+            jwt.decode(
+                assertion,
+                public_key,  # type: ignore[arg-type]
+                algorithms=["PS256", "RS256"],
+                options=SIGNATURE_ONLY,
+            )
+        except jwt.PyJWTError:
+            raise errors.assertion_signature_invalid(app.client_id, thumbprint) from None
+        if claims.get("aud") not in token_endpoints:
+            raise errors.assertion_audience(claims.get("aud"))
+        if claims.get("iss") != app.client_id:
+            raise errors.invalid_jwt(
+                f"Unexpected issuer '{claims.get('iss')}': a client assertion's issuer is the app."
+            )
+        if claims.get("sub") != claims.get("iss"):
+            raise errors.subject_mismatches_issuer()
+        self._check_lifetime(claims)
+        jti = claims.get("jti")
+        if not jti:
+            raise errors.invalid_jwt("The client assertion has no 'jti' claim.")
+        with self._lock:
+            now = self.now()
+            self._seen_assertions = {k: v for k, v in self._seen_assertions.items() if v + ASSERTION_SKEW > now}
+            if jti in self._seen_assertions and self.settings.reject_replayed_assertions:
+                raise errors.assertion_replayed()
+            self._seen_assertions[str(jti)] = float(claims["exp"])
+
+    def _verify_federated_token(self, app: App, assertion: str, header: dict, claims: dict) -> None:
+        issuer = str(claims.get("iss", ""))
+        candidates = [f for f in app.federated_credentials if f.issuer == issuer]
+        if not candidates:
+            raise errors.no_federated_issuer(issuer)
+        audiences = claims.get("aud")
+        presented = set(audiences) if isinstance(audiences, list) else {audiences}
+        candidates = [f for f in candidates if presented & set(f.audiences)]
+        if not candidates:
+            raise errors.no_federated_audience(audiences)
+        subject = str(claims.get("sub", ""))
+        if not any(f.subject == subject for f in candidates):
+            raise errors.no_federated_subject(subject)
+        key = self._issuer_key(issuer, str(header.get("kid", "")))
+        try:
+            jwt.decode(
+                assertion,
+                key,
+                algorithms=["RS256", "ES256", "PS256"],
+                options=SIGNATURE_ONLY,
+            )
+        except jwt.PyJWTError:
+            raise errors.invalid_jwt(
+                f"External ID token from issuer '{issuer}' failed signature verification."
+            ) from None
+        self._check_lifetime(claims)
+
+    def _issuer_key(self, issuer: str, kid: str) -> Any:
+        """The issuer's public key ``kid``, from its OpenID discovery document and JWKS (fetched again when unknown)."""
+        keys = self._issuer_keys.get(issuer, {})
+        if kid not in keys:
+            session = requests.Session()
+            session.trust_env = False  # the issuers of the tests are on loopback
+            try:
+                discovery = session.get(
+                    issuer.rstrip("/") + "/.well-known/openid-configuration", timeout=10, verify=self.issuer_trust
+                )
+                discovery.raise_for_status()
+                jwks = session.get(discovery.json()["jwks_uri"], timeout=10, verify=self.issuer_trust)
+                jwks.raise_for_status()
+                keys = {str(k.get("kid", "")): k for k in jwks.json().get("keys", [])}
+            except (requests.RequestException, ValueError, KeyError):
+                raise errors.invalid_jwt(f"Unable to retrieve the signing keys of issuer '{issuer}'.") from None
+            finally:
+                session.close()
+            self._issuer_keys[issuer] = keys
+        if kid not in keys:
+            raise errors.invalid_jwt(f"External ID token from issuer '{issuer}' failed signature verification.")
+        return jwt.PyJWK(keys[kid]).key
 
     # ----------------------------------------------------------------- authorize
     def check_authorize_request(self, client_id: str, redirect_uri: str, scope: str) -> tuple[App, scopes.ScopeRequest]:
@@ -479,7 +736,7 @@ class Directory:
         token = form.get("refresh_token")
         if not token:
             raise errors.missing_parameter("refresh_token")
-        if not form.get("scope"):
+        if not form.get("scope") and self.settings.refresh_requires_scope:
             raise errors.missing_parameter("scope")
         payload = self._unseal(token)
         if payload is None or payload.get("c") != app.client_id:
@@ -514,7 +771,10 @@ class Directory:
             self._redeemed_refresh_tokens.add(payload["j"])
         if user.mfa_required and grant.mfa_at < user.mfa_required_since:
             raise errors.mfa_required()
-        request = scopes.parse(form["scope"])
+        # Without scope: the scopes the refresh token was issued for (tokens sealed before that was
+        # recorded: the grant's permissions on Exchange).
+        scope = form.get("scope") or payload.get("s") or self._granted_scope(grant)
+        request = scopes.parse(scope)
         resource, wanted = self.requested_permissions(app, request)
         if resource is not None and not wanted <= set(grant.permissions.get(resource, [])):
             raise errors.consent_missing(app.client_id, app.name)
@@ -553,6 +813,17 @@ class Directory:
             "ext_expires_in": self.settings.access_token_lifetime,
             "access_token": self.sign(claims),
         }
+
+    def issue_delegated(self, app: App, user: User, request: scopes.ScopeRequest) -> dict:
+        """Tokens for ``user`` after an interactive sign-in other than the authorization code (device code)."""
+        return self._issue_delegated(app, user, request, nonce=None)
+
+    def set_public_client(self, client_id: str, allowed: bool) -> App:
+        with self._lock:
+            app = self.app(client_id)
+            app.allow_public_client = allowed
+            self.save()
+            return app
 
     def _issue_delegated(
         self, app: App, user: User, request: scopes.ScopeRequest, nonce: str | None, refresh_token: bool = False
@@ -595,7 +866,7 @@ class Directory:
         }
         body["access_token"] = self.sign(claims)
         if refresh_token or request.wants_refresh_token:
-            body["refresh_token"] = self._seal_refresh_token(user, app)
+            body["refresh_token"] = self._seal_refresh_token(user, app, " ".join(granted + sorted(request.oidc)))
         if "openid" in request.oidc:
             id_claims = {
                 "aud": app.client_id,
@@ -633,8 +904,14 @@ class Directory:
             with os.fdopen(fd, "a") as fh:
                 fh.write(secret + "\n")
 
-    def _seal_refresh_token(self, user: User, app: App) -> str:
-        payload = {"u": user.upn, "c": app.client_id, "i": self.now(), "j": secrets.token_urlsafe(12)}
+    @staticmethod
+    def _granted_scope(grant: Grant) -> str:
+        permissions = grant.permissions.get(scopes.EXCHANGE, [])
+        return " ".join([f"{scopes.EXCHANGE}/{p}" for p in permissions] + ["offline_access"])
+
+    def _seal_refresh_token(self, user: User, app: App, scope: str) -> str:
+        # "s": the scopes granted, for a later refresh that sends none.
+        payload = {"u": user.upn, "c": app.client_id, "i": self.now(), "j": secrets.token_urlsafe(12), "s": scope}
         token = "1.A" + self._seal.encrypt(json.dumps(payload).encode()).decode()
         self.record_issued(token)
         return token

@@ -252,3 +252,156 @@ def service_unavailable() -> AadstsError:
         "A transient error has occurred. Please try again.",
         status=503,
     )
+
+
+# --------------------------------------------------------------------- client assertions
+_FIC_HELP = (
+    "Please check your federated identity credential Subject, Audience and Issuer against the presented "
+    "assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
+)
+
+
+def certificate_not_registered(client_id: str, thumbprint: str) -> AadstsError:
+    return AadstsError(
+        "invalid_client",
+        700027,
+        "The certificate with identifier used to sign the client assertion is not registered on application. "
+        f"[Reason - The key was not found., Thumbprint of key used by client: '{thumbprint}', Please visit the "
+        "Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id "
+        f"'{client_id}'.]",
+        status=401,
+    )
+
+
+def assertion_signature_invalid(client_id: str, thumbprint: str) -> AadstsError:
+    return AadstsError(
+        "invalid_client",
+        700027,
+        "Client assertion failed signature validation. [Reason - The provided signature value did not match the "
+        f"expected signature value., Thumbprint of key used by client: '{thumbprint}', app Id '{client_id}'.]",
+        status=401,
+    )
+
+
+def assertion_time_range(now: float, not_before: float | None, expires: float) -> AadstsError:
+    def stamp(value: float | None) -> str:
+        moment = datetime.datetime.fromtimestamp(value or 0, datetime.UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
+
+    return AadstsError(
+        "invalid_client",
+        700024,
+        f"Client assertion is not within its valid time range. Current time: {stamp(now)}, assertion valid from "
+        f"{stamp(not_before)}, expiry time of assertion {stamp(expires)}. Review the documentation at "
+        "https://learn.microsoft.com/entra/identity-platform/certificate-credentials .",
+        status=401,
+    )
+
+
+def assertion_audience(audience: object) -> AadstsError:
+    return AadstsError(
+        "invalid_client",
+        50012,
+        f"Client assertion audience claim does not match Realm issuer. Audience presented: '{audience}'.",
+        status=401,
+    )
+
+
+def invalid_jwt(reason: str) -> AadstsError:
+    """AADSTS50027 InvalidJwtToken: malformed, unexpected issuer, missing claims, bad external signature."""
+    return AadstsError("invalid_client", 50027, f"Invalid JWT token. {reason}", status=401)
+
+
+def subject_mismatches_issuer() -> AadstsError:
+    return AadstsError("invalid_client", 50048, "Subject mismatches Issuer claim in the client assertion.", status=401)
+
+
+def assertion_replayed() -> AadstsError:
+    """Microsoft documents no code of its own for a replayed ``jti``: AADSTS50013 is InvalidAssertion."""
+    return AadstsError(
+        "invalid_client",
+        50013,
+        "Assertion is invalid because of various reasons: the jti of this client assertion was already used.",
+        status=401,
+    )
+
+
+def _no_federated_match(code: int, claim: str, value: object) -> AadstsError:
+    return AadstsError(
+        "invalid_client",
+        code,
+        f"No matching federated identity record found for presented assertion {claim} '{value}'. {_FIC_HELP}",
+        status=401,
+    )
+
+
+def no_federated_issuer(issuer: str) -> AadstsError:
+    return _no_federated_match(700211, "issuer", issuer)
+
+
+def no_federated_audience(audience: object) -> AadstsError:
+    return _no_federated_match(700212, "audience", audience)
+
+
+def no_federated_subject(subject: str) -> AadstsError:
+    return _no_federated_match(700213, "subject", subject)
+
+
+#: Codes Microsoft's reference calls transient (its descriptions, trimmed); injected as faults.
+TRANSIENT_TEXTS = {
+    50033: "RetryableError - Indicates a transient error not related to the database operations.",
+    90024: "RequestBudgetExceededError - A transient error has occurred. Try again.",
+    90033: "MsodsServiceUnavailable - The Microsoft Online Directory Service (MSODS) isn't available.",
+}
+
+
+def injected(code: int, error: str, status: int) -> AadstsError:
+    """A refusal with ``code`` (one of :data:`TRANSIENT_TEXTS`) and the ``error`` value a test chose."""
+    return AadstsError(error, code, TRANSIENT_TEXTS[code], status=status)
+
+
+# ----------------------------------------------------------------- device code flow
+# Microsoft's v2 device code reference ("Expected errors") names the ``error`` values; the codes are
+# the error reference's: AuthorizationPending 70016, CodeExpired 70019, BadVerificationCode 70018
+# (a wrong user code typed on the page), UserDeclinedConsent 65004. ``slow_down`` is RFC 8628's; the
+# reference lists no code of its own for it, so it carries the pending code, as a variant of pending.
+
+
+def device_authorization_pending() -> AadstsError:
+    return AadstsError(
+        "authorization_pending",
+        70016,
+        "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+    )
+
+
+def device_slow_down(interval: int) -> AadstsError:
+    return AadstsError(
+        "slow_down",
+        70016,
+        f"OAuth 2.0 device flow error. The client polled too often: wait at least {interval} seconds between polls.",
+    )
+
+
+def device_code_expired() -> AadstsError:
+    return AadstsError("expired_token", 70019, "Verification code expired. Have the user retry the sign-in.")
+
+
+def device_authorization_declined() -> AadstsError:
+    return AadstsError("authorization_declined", 65004, "User declined to consent to access the app.")
+
+
+def device_code_unknown() -> AadstsError:
+    return AadstsError(
+        "bad_verification_code",
+        70000,
+        "The provided value for the input parameter 'device_code' is not valid.",
+    )
+
+
+def user_code_wrong() -> AadstsError:
+    return AadstsError(
+        "invalid_request",
+        70018,
+        "Invalid verification code due to User typing in wrong user code for device code flow.",
+    )

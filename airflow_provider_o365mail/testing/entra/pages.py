@@ -47,3 +47,27 @@ def error_page(title: str, body: dict) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title></head><body>
 <h1>{escape(title)}</h1><p role="alert">{escape(body.get("error_description", ""))}</p>
 </body></html>"""
+
+
+def device_code_page(error: str | None = None) -> str:
+    """Microsoft's "Enter code" page of the device code flow."""
+    error_html = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Enter code</title>
+<style>body{{font-family:sans-serif;max-width:34em;margin:3em auto}}.error{{color:#a00}}input{{width:100%;padding:.4em}}
+button{{margin-top:1em;padding:.5em 1.5em}}</style></head><body>
+<h1>Enter code</h1><p>Enter the code displayed on your app or device.</p>
+{error_html}
+<form method="post" action=""><input id="otc" name="otc" autocomplete="off" placeholder="Code">
+<button type="submit" id="next">Next</button></form></body></html>"""
+
+
+def device_done_page(*, app_name: str, accepted: bool) -> str:
+    text = (
+        f"You have signed in to the {escape(app_name)} application on your device. You may now close this window."
+        if accepted
+        else "You declined to sign in on your device. You may now close this window."
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Device sign-in</title></head><body>
+<h1>{"Signed in" if accepted else "Declined"}</h1><p role="status" id="result">{text}</p></body></html>"""

@@ -11,6 +11,7 @@ import uvicorn
 
 from airflow_provider_o365mail.testing.entra.app import create_app
 from airflow_provider_o365mail.testing.entra.directory import Directory
+from airflow_provider_o365mail.testing.mail_admin import router as mail_admin_router
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     config = json.loads((args.state_dir / "entra.json").read_text())
     directory = Directory(args.state_dir / "entra", config["tenant_id"], config["tenant_domain"])
     directory.issuer_base = f"https://{args.host}:{args.port}"
+    directory.issuer_trust = config.get("ca_file") or True
     app = create_app(directory, config["admin_key"])
+    app.include_router(mail_admin_router(args.state_dir, config["admin_key"]))
     logging.basicConfig(level=logging.WARNING)
     uvicorn.run(
         app,

@@ -1,0 +1,130 @@
+"""Every fix-it hint the provider shows, in one table (no logic, no imports).
+
+Errors, ``doctor``, the hook and the UI page say what to do in the same words. Placeholders are
+filled with ``str.format``: ``{conn_id}``, ``{mailbox}``, ``{reply}``.
+"""
+
+from __future__ import annotations
+
+#: The documentation site (built from docs/ by mkdocs.yml; pip users have no docs/ folder).
+DOCS_URL = "https://o365mail.github.io/airflow-provider-o365mail"
+
+REAUTHORIZE = (
+    "Re-authorize: 'airflow o365mail authorize --conn-id {conn_id}' or the Authorize button on the Airflow UI "
+    "page Microsoft 365 Mail."
+)
+REFRESH_KEEPALIVE = (
+    "Nothing uses this connection often enough: schedule 'airflow o365mail refresh {conn_id}' (or the example DAG "
+    f"example_o365mail_keepalive) at least every few weeks; see {DOCS_URL}/token-store.md#keep-alive."
+)
+NEVER_AUTHORIZED = (
+    "Run 'airflow o365mail authorize --conn-id {conn_id}' or use the Authorize button on the Airflow UI page "
+    "Microsoft 365 Mail."
+)
+NEVER_AUTHORIZED_PUBLIC = (
+    "Run 'airflow o365mail authorize --conn-id {conn_id} --device-code' and sign in with the code it prints."
+)
+REAUTHORIZE_PUBLIC = (
+    "Re-authorize: 'airflow o365mail authorize --conn-id {conn_id} --device-code' (a public client consents with "
+    "the device code; the UI page offers no Authorize button for it)."
+)
+
+
+def for_public_client(fix: str) -> str:
+    """``fix`` (a template with ``{conn_id}``) as it reads for a public client: consent by device code."""
+    return fix.replace(REAUTHORIZE, REAUTHORIZE_PUBLIC).replace(NEVER_AUTHORIZED, NEVER_AUTHORIZED_PUBLIC)
+
+
+NEW_CLIENT_SECRET = (
+    "Create a new client secret (Certificates & secrets), paste its Value (not its ID) into the connection's "
+    "Client secret field."
+)
+CERTIFICATE_NOT_REGISTERED = (
+    "Upload the certificate's public part (.cer/.pem, not the key) to the app registration's Certificates & "
+    "secrets > Certificates; 'airflow o365mail doctor' shows the thumbprint the connection sends."
+)
+ALLOW_PUBLIC_CLIENT = (
+    "In the app registration's Authentication > Advanced settings, set 'Allow public client flows' to Yes (and "
+    "Save); or give the connection a credential (client secret, certificate or federated token)."
+)
+DEVICE_CODE_AGAIN = "Run 'airflow o365mail authorize --conn-id {conn_id} --device-code' again."
+ASSERTION_CLOCK = "Check this host's clock (NTP): a client assertion is valid only around the time it is signed."
+FEDERATED_CREDENTIAL_MISMATCH = (
+    "In the app registration's Certificates & secrets > Federated credentials, the issuer, subject and audience "
+    "must equal the federated token's iss, sub and aud exactly (case-sensitive; audience api://AzureADTokenExchange)."
+)
+CONDITIONAL_ACCESS = (
+    "An administrator must allow the app in the Conditional Access policy named in the sign-in logs, then re-authorize."
+)
+TOKEN_STORE_KEYS = (
+    "Use the same [o365mail] token_cache_keys (or [core] fernet_key) on every Airflow component, or "
+    "'airflow o365mail forget --conn-id {conn_id}' and authorize again."
+)
+PROXY_REFUSED = {
+    407: (
+        "The proxy wants credentials, or refused the ones given: put them in the connection's proxy URL "
+        "(http://user:password@host:port, URL-encoded)."
+    ),
+    403: "The proxy's rules do not allow a tunnel to {target}: ask its administrators to allow CONNECT to it.",
+}
+PROXY_REFUSED_OTHER = "Check the connection's proxy field and the proxy's logs."
+PROXY_UNREACHABLE = "Check the connection's proxy field (or HTTPS_PROXY) and that the proxy is running."
+IDENTITY_PROVIDER_UNREACHABLE = "Check network access to the login host; retry."
+FIX_CONNECTION = f"Fix the connection's fields (see {DOCS_URL}/connection/)."
+CREATE_CONNECTION = f"Create the connection ({DOCS_URL}/connection/)."
+AADSTS_REFERENCE = f"See {DOCS_URL}/troubleshooting/ for the AADSTS code."
+IMAP_REFUSED = (
+    "The server refused the token for {mailbox}. Check that the mailbox is the signed-in user (or one it may "
+    "open), that the app has IMAP.AccessAsUser.All (delegated) or IMAP.AccessAsApp plus Add-MailboxPermission "
+    "(app-only), and that IMAP is enabled for the mailbox."
+)
+SMTP_REFUSED = (
+    "The server refused the token for {mailbox} ({reply}). If the reply says 5.7.139, SMTP AUTH is disabled for "
+    "the tenant or mailbox: enable it with Set-CASMailbox -SmtpClientAuthenticationDisabled $false. Otherwise check "
+    "that the app has SMTP.Send (delegated) or SMTP.SendAsApp (app-only) and that the mailbox is the signed-in user."
+)
+IMAP_CHECK_FAILED = "Check IMAP is enabled for the mailbox and the IMAP.AccessAsUser.All permission."
+SMTP_CHECK_FAILED = "Check SMTP AUTH for the tenant and mailbox and the SMTP.Send permission."
+SMTP_AUTH_DISABLED = "Enable SMTP AUTH: Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false."
+SEND_AS = "For another From address the signed-in mailbox needs Send As (or Send on Behalf) permission on it."
+SMTP_LIMITS = (
+    "Microsoft 365 allows 3 concurrent SMTP sessions per mailbox (432 4.3.2) and 30 messages per minute: limit "
+    "parallel tasks per sender with an Airflow pool."
+)
+FOLDER_NAME = (
+    "Check the name (Exchange shows localized names such as 'Posteingang' in the UI but IMAP uses INBOX) and that "
+    "the signed-in user may open it."
+)
+SUBMISSION_QUOTA_EXCEEDED = (
+    "Exchange Online blocks this mailbox from sending for up to 24 hours: it exceeded the 10,000 recipients per "
+    "day limit (Recipient Rate Limit). Wait, or send from another mailbox; an administrator can check the block "
+    "in the Microsoft 365 Defender portal (Restricted entities). Lower [o365mail] daily_recipient_budget so the "
+    "provider stops before Exchange does."
+)
+MAILBOX_FULL = (
+    "The sending mailbox is full: every message sent over SMTP AUTH is stored in its Sent Items. Empty Sent "
+    "Items or Deleted Items, or raise the mailbox quota."
+)
+#: Continuous error throttling: Exchange throttles SMTP AUTH after repeated errors of one kind;
+#: retrying prolongs it, so the task fails without retries. Keys are the enhanced status codes.
+CONTINUOUS_ERROR_THROTTLING = {
+    "5.2.251": "Exchange throttles this mailbox's SMTP AUTH because its mailbox was full repeatedly. Free space "
+    "(Sent Items, Deleted Items) and wait before sending again.",
+    "5.2.252": "Exchange throttles this mailbox's SMTP AUTH after repeated Send As refusals. Grant Send As on the "
+    "From address (Add-RecipientPermission) or send as the mailbox itself, then wait before sending again.",
+    "5.2.253": "Exchange throttles this mailbox's SMTP AUTH because it has no valid Exchange Online license. Assign "
+    "a license to the mailbox, then wait before sending again.",
+    "5.2.254": "Exchange throttles this mailbox's SMTP AUTH after repeated messages with too many recipients. Send "
+    "to fewer recipients per message (at most 500 per message), then wait before sending again.",
+    "5.2.255": "Exchange throttles this mailbox's SMTP AUTH after repeated invalid recipients. Fix the recipient "
+    "addresses (check the task's earlier refusals), then wait before sending again.",
+}
+RECIPIENT_BUDGET = (
+    "Exchange Online allows 10,000 recipients per rolling 24 hours per mailbox and then blocks it for up to a day; "
+    "[o365mail] daily_recipient_budget keeps the provider below that. Send later, from another mailbox, or to "
+    "fewer recipients."
+)
+EXCHANGE_RATE = (
+    "Exchange Online accepts about 30 messages per minute per mailbox and delays, not refuses, the rest: "
+    "delivery of this batch takes at least {minutes:.0f} minute(s)."
+)

@@ -1,0 +1,323 @@
+"""Diagnose an ``o365mail`` connection link by link and name the broken one with its fix.
+
+Used by ``airflow o365mail doctor`` and the Check button of the Microsoft 365 Mail page (both glue,
+hence here, below them). Each check runs only if the links it needs work; nothing here prints or
+returns a secret.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jwt
+import requests
+
+from airflow_provider_o365mail import exceptions as exc
+from airflow_provider_o365mail import hints
+from airflow_provider_o365mail.auth.credential import FederatedTokenFile, certificate_info
+from airflow_provider_o365mail.auth.crypto import StoreUndecryptable
+from airflow_provider_o365mail.auth.store import StoredCache, TokenStore
+from airflow_provider_o365mail.auth.token_status import REFRESH_TOKEN_WARNING_DAYS, refresh_token_health
+from airflow_provider_o365mail.connection import O365MailSettings, settings_from_connection
+from airflow_provider_o365mail.connection_defaults import (
+    CREDENTIAL_CERTIFICATE,
+    CREDENTIAL_FEDERATED,
+    CREDENTIAL_PUBLIC,
+    CREDENTIAL_SECRET,
+    FEDERATED_TOKEN_AUDIENCE,
+)
+from airflow_provider_o365mail.runtime import load_connection
+from airflow_provider_o365mail.tls import IdentityProviderSession
+
+SECRET_EXPIRY_WARNING_DAYS = 30
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+
+# Which link an error breaks, in the order of the chain.
+LINK_OF_ERROR: list[tuple[type[BaseException], str, str]] = [
+    (exc.ClientCredentialError, "client secret", hints.NEW_CLIENT_SECRET),
+    (exc.ReauthorizationRequired, "consent", hints.NEVER_AUTHORIZED),
+    (exc.AccessBlocked, "conditional access", hints.CONDITIONAL_ACCESS),
+    (exc.TokenStoreError, "token store", hints.TOKEN_STORE_KEYS),
+    (exc.ProxyRefused, "proxy", hints.PROXY_REFUSED_OTHER),
+    (exc.ProxyUnavailable, "proxy", hints.PROXY_UNREACHABLE),
+    (exc.IdentityProviderUnavailable, "identity provider", hints.IDENTITY_PROVIDER_UNREACHABLE),
+    (exc.ConnectionConfigError, "connection", hints.FIX_CONNECTION),
+    (exc.AuthorizationError, "identity provider", hints.AADSTS_REFERENCE),
+]
+
+
+@dataclass
+class Check:
+    link: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _classify(err: BaseException, conn_id: str, *, public_client: bool = False) -> tuple[str, str]:
+    for error_type, link, fix in LINK_OF_ERROR:
+        if isinstance(err, error_type):
+            return link, (hints.for_public_client(fix) if public_client else fix).format(conn_id=conn_id)
+    return "unknown", ""
+
+
+def _check_endpoints(s: O365MailSettings) -> Check:
+    url = f"{s.authority}/v2.0/.well-known/openid-configuration"
+    try:
+        response = IdentityProviderSession(s.ca_bundle, s.timeout, proxy=s.http_proxy).get(url)
+    except exc.ProxyRefused as err:
+        return Check("proxy", FAIL, str(err), hints.PROXY_REFUSED_OTHER)
+    except requests.exceptions.ProxyError as err:
+        return Check("proxy", FAIL, str(err), hints.PROXY_UNREACHABLE)
+    except requests.RequestException as err:
+        return Check("endpoints", FAIL, f"{url} unreachable ({type(err).__name__})", "Check DNS, proxy and firewall.")
+    if response.status_code != 200:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        codes = body.get("error_codes") or []
+        if 90002 in codes or "tenant" in str(body.get("error_description", "")).lower():
+            return Check(
+                "tenant",
+                FAIL,
+                f"the identity provider does not know tenant {s.tenant_id!r} (AADSTS{codes[0] if codes else ''})",
+                "Copy the Directory (tenant) ID from the app registration's Overview page.",
+            )
+        return Check("endpoints", FAIL, f"discovery answered HTTP {response.status_code}", "Check the authority URL.")
+    issuer = str(response.json().get("issuer", ""))
+    if s.tenant_id and s.tenant_id not in ("common", "organizations") and s.tenant_id not in issuer:
+        return Check(
+            "tenant",
+            FAIL,
+            f"the authority's issuer {issuer} is not tenant {s.tenant_id}",
+            "Use the tenant ID of the directory the app is registered in.",
+        )
+    return Check("endpoints", OK, f"V2 discovery at {s.authority} answers; issuer {issuer}")
+
+
+def _check_secret_expiry(expires: dt.date | None) -> Check | None:
+    if expires is None:
+        return None
+    days = (expires - dt.date.today()).days
+    if days < 0:
+        return Check(
+            "client secret",
+            FAIL,
+            f"the client secret expired on {expires} (recorded in the connection)",
+            "Create a new secret and update the connection (and its expiry date).",
+        )
+    if days <= SECRET_EXPIRY_WARNING_DAYS:
+        return Check(
+            "client secret",
+            WARN,
+            f"the client secret expires in {days} day(s), on {expires}",
+            "Create a new secret now and update the connection before it expires.",
+        )
+    return Check("client secret expiry", OK, f"expires on {expires} ({days} days)")
+
+
+def _check_certificate(s: O365MailSettings) -> Check:
+    try:
+        info = certificate_info(s)
+    except exc.ConnectionConfigError as err:
+        return Check("certificate", FAIL, str(err), hints.FIX_CONNECTION)
+    detail = (
+        f"subject {info.subject}, thumbprint {info.thumbprint_sha1} (x5t#S256 {info.x5t_s256}), "
+        f"valid {info.not_before:%Y-%m-%d} to {info.not_after:%Y-%m-%d}"
+    )
+    renew = "Create a new certificate, upload its public part to the app registration, then update the connection."
+    now = dt.datetime.now(dt.UTC)
+    if info.not_after <= now:
+        return Check("certificate", FAIL, f"the certificate expired on {info.not_after:%Y-%m-%d}: {detail}", renew)
+    if info.not_before > now:
+        return Check("certificate", FAIL, f"the certificate is not valid yet: {detail}", "Check this host's clock.")
+    if info.days_left <= SECRET_EXPIRY_WARNING_DAYS:
+        return Check("certificate", WARN, f"the certificate expires in {info.days_left} day(s): {detail}", renew)
+    return Check("certificate", OK, detail)
+
+
+def _check_federated(s: O365MailSettings) -> Check:
+    assert s.federated_assertion_file is not None
+    try:
+        token = FederatedTokenFile(s.federated_assertion_file, s.conn_id)()
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except exc.ConnectionConfigError as err:
+        return Check("federated token", FAIL, str(err), hints.FIX_CONNECTION)
+    except jwt.PyJWTError:
+        return Check("federated token", FAIL, f"{s.federated_assertion_file} does not hold a JWT", hints.FIX_CONNECTION)
+    minutes = (float(claims.get("exp", 0)) - time.time()) / 60
+    detail = (
+        f"token file {s.federated_assertion_file}: issuer {claims.get('iss')}, subject {claims.get('sub')}, "
+        f"audience {claims.get('aud')}, expires in {minutes:.0f} min"
+    )
+    audiences = claims.get("aud") if isinstance(claims.get("aud"), list) else [claims.get("aud")]
+    if minutes <= 0:
+        return Check(
+            "federated token",
+            FAIL,
+            f"the federated token has expired: {detail}",
+            "The file is not being refreshed: check the workload identity webhook / projected token volume.",
+        )
+    if FEDERATED_TOKEN_AUDIENCE not in audiences:
+        return Check(
+            "federated token",
+            WARN,
+            detail,
+            f"Entra ID expects audience {FEDERATED_TOKEN_AUDIENCE} unless the federated credential names another.",
+        )
+    return Check("federated token", OK, detail + " (issuer, subject and audience must match a federated credential)")
+
+
+def _check_credential(s: O365MailSettings) -> Check | None:
+    if s.credential_type == CREDENTIAL_CERTIFICATE:
+        return _check_certificate(s)
+    if s.credential_type == CREDENTIAL_FEDERATED:
+        return _check_federated(s)
+    if s.credential_type == CREDENTIAL_PUBLIC:
+        return Check(
+            "public client",
+            OK,
+            "no credential is stored or sent; Entra ID accepts that only while the app registration allows public "
+            f"client flows (consent: airflow o365mail authorize --conn-id {s.conn_id} --device-code)",
+        )
+    return _check_secret_expiry(s.credential_expires_on)
+
+
+def diagnose(conn_id: str) -> list[Check]:
+    """Run the chain; a failed link skips the checks that depend on it."""
+    from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+
+    checks: list[Check] = []
+    try:
+        settings = settings_from_connection(load_connection(conn_id))
+    except Exception as err:
+        _, fix = _classify(err, conn_id)
+        return [Check("connection", FAIL, str(err), fix or hints.CREATE_CONNECTION)]
+    checks.append(
+        Check(
+            "connection",
+            OK,
+            f"{settings.grant_type} with {settings.credential_type.replace('_', ' ')}, mailbox {settings.mailbox}, "
+            f"authority {settings.authority}, "
+            f"IMAP {settings.imap_host}:{settings.imap_port}, SMTP {settings.smtp_host}:{settings.smtp_port}",
+        )
+    )
+    endpoints = _check_endpoints(settings)
+    checks.append(endpoints)
+    credential = _check_credential(settings)
+    if credential is not None:
+        checks.append(credential)
+    if endpoints.status == FAIL:
+        return [*checks, *(Check(link, SKIP, "needs the identity provider") for link in ("token", "IMAP", "SMTP"))]
+
+    stored: StoredCache | None = None
+    try:
+        stored = TokenStore(conn_id).load()
+        checks.append(
+            Check("token store", OK, "readable" + (f", written {_age(stored.written_at)} ago" if stored else ", empty"))
+        )
+    except StoreUndecryptable as err:
+        fallback = settings.refresh_token or not settings.delegated
+        checks.append(
+            Check(
+                "token store",
+                WARN if fallback else FAIL,
+                f"{err}"
+                + (
+                    " Falling back to the connection's own credentials."
+                    if fallback
+                    else " The connection has no refresh token to fall back to."
+                ),
+                "Put the old key back second ([core] fernet_key = new,old) and run 'airflow o365mail rotate-keys', "
+                f"or 'airflow o365mail authorize --conn-id {conn_id}'.",
+            )
+        )
+        if not fallback:
+            return [*checks, *(Check(link, SKIP, "needs the token store") for link in ("token", "IMAP", "SMTP"))]
+    except exc.TokenStoreError as err:
+        link, fix = _classify(err, conn_id)
+        checks.append(Check(link, FAIL, str(err), fix))
+        return [*checks, *(Check(link, SKIP, "needs the token store") for link in ("token", "IMAP", "SMTP"))]
+
+    if settings.delegated:
+        checks.append(_check_refresh_token(stored, conn_id, public_client=settings.public_client))
+    hook = O365MailHook(conn_id)
+    try:
+        token = hook.access_token(force_refresh=True)
+        what = "refresh token redeemed" if settings.delegated else "client credentials accepted"
+        checks.append(Check("token", OK, f"{what}; access token valid for {token.seconds_left / 60:.0f} min"))
+    except Exception as err:
+        link, fix = _classify(err, conn_id, public_client=settings.public_client)
+        if isinstance(err, exc.ClientCredentialError) and settings.credential_type != CREDENTIAL_SECRET:
+            link, fix = f"{settings.credential_type} credential", ""  # the message names this credential's fix
+        checks.append(Check(link, FAIL, str(err), fix))
+        return [*checks, *(Check(link, SKIP, "needs an access token") for link in ("IMAP", "SMTP"))]
+
+    checks.append(_run("IMAP", lambda: _imap_check(hook), settings))
+    checks.append(_run("SMTP", lambda: _smtp_check(hook), settings))
+    return checks
+
+
+def _check_refresh_token(stored: StoredCache | None, conn_id: str, *, public_client: bool = False) -> Check:
+    """Last use and expiry of the refresh token as found (before the token check below redeems it)."""
+    health = refresh_token_health(stored)
+    state = health.state()
+    detail = health.sentence()
+    if state == "warn":
+        return Check(
+            "refresh token",
+            WARN,
+            f"{detail}: inside {REFRESH_TOKEN_WARNING_DAYS} days (this check uses it once more)",
+            hints.REFRESH_KEEPALIVE.format(conn_id=conn_id),
+        )
+    if state == "expired":  # by the record; the token check below has Microsoft's word on it
+        fix = hints.for_public_client(hints.REAUTHORIZE) if public_client else hints.REAUTHORIZE
+        return Check("refresh token", WARN, detail, fix.format(conn_id=conn_id))
+    return Check("refresh token", OK, detail)
+
+
+def _imap_check(hook: Any) -> str:
+    with hook.imap_client() as client:
+        info = client.select_folder("INBOX", readonly=True)
+        return f"login and SELECT INBOX work ({info.get(b'EXISTS', '?')} messages)"
+
+
+def _smtp_check(hook: Any) -> str:
+    with hook.smtp_client() as client:
+        return f"STARTTLS and AUTH XOAUTH2 accepted (max message size {client.esmtp_features.get('size', '?')})"
+
+
+def _run(link: str, check: Callable[[], str], settings: O365MailSettings) -> Check:
+    try:
+        return Check(link, OK, check())
+    except exc.O365MailError as err:
+        if link == "SMTP" and "5.7.139" in str(err):
+            fix = hints.SMTP_AUTH_DISABLED
+        elif link == "SMTP":
+            fix = hints.SMTP_CHECK_FAILED
+        else:
+            fix = hints.IMAP_CHECK_FAILED
+        return Check(link, FAIL, str(err), fix)
+    except (OSError, TimeoutError) as err:
+        host = settings.imap_host if link == "IMAP" else settings.smtp_host
+        return Check(link, FAIL, f"cannot reach {host}: {type(err).__name__}: {err}", "Check network access.")
+
+
+def _age(timestamp: float) -> str:
+    seconds = max(0, time.time() - timestamp)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"

@@ -1,0 +1,221 @@
+"""A per-mailbox budget of logged-in IMAP connections, reused across checks in one process.
+
+Exchange Online allows about 20 concurrent IMAP connections per mailbox; logging in for every
+check also costs a TLS handshake and an AUTHENTICATE. A pool hands out at most ``max_connections``
+sessions at once (a thread-safe semaphore: idle + leased never exceeds it, as a new connection is
+opened only when no idle one is left), keeps returned ones for ``idle_ttl`` seconds, and
+
+- logs in again when a session's token has less than ``token_margin`` seconds left (Exchange ends
+  such sessions with ``BYE ... AccessTokenExpired``),
+- sends ``NOOP`` to a session idle longer than ``probe_after`` before handing it out (a server or a
+  middlebox may have closed it meanwhile), and
+- drops a session whose lease ended in an error (its state is unknown).
+
+``login`` comes with each lease (``mail/`` never sees the hook): it returns a logged-in client and
+the token it used (an object with ``expires_on``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_provider_o365mail.exceptions import MailServerUnavailable
+from airflow_provider_o365mail.mail.credentials import ExpiringToken
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONNECTIONS = 4
+#: A returned session stays logged in this long for the next check, then is logged out.
+IDLE_TTL_SECONDS = 60.0
+#: A session idle longer than this is probed with NOOP before use.
+PROBE_AFTER_SECONDS = 20.0
+#: Log in again when the session's token has less than this left.
+TOKEN_MARGIN_SECONDS = 120.0
+#: A lease that finds every connection of the budget busy this long gives up (and is retried by its caller).
+ACQUIRE_TIMEOUT_SECONDS = 300.0
+
+#: ``login()`` -> (a logged-in IMAPClient, the token it logged in with).
+PoolLogin = Callable[[], "tuple[Any, ExpiringToken]"]
+
+
+@dataclass
+class _Pooled:
+    client: Any
+    expires_on: float
+    returned_at: float
+
+
+def close_client(client: Any) -> None:
+    """LOGOUT, or drop the socket when the server does not answer."""
+    try:
+        client.logout()
+    except Exception:
+        with contextlib.suppress(Exception):
+            client.shutdown()
+
+
+class ImapPool:
+    """At most ``max_connections`` logged-in sessions of one mailbox, reused (thread-safe)."""
+
+    def __init__(
+        self,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        *,
+        name: str = "",
+        idle_ttl: float = IDLE_TTL_SECONDS,
+        probe_after: float = PROBE_AFTER_SECONDS,
+        token_margin: float = TOKEN_MARGIN_SECONDS,
+        acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.time,
+        close: Callable[[Any], None] = close_client,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {max_connections}")
+        self.max_connections = max_connections
+        self.name = name
+        self.idle_ttl = idle_ttl
+        self.probe_after = probe_after
+        self.token_margin = token_margin
+        self.acquire_timeout = acquire_timeout
+        self._clock = clock
+        self._close = close
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._idle: list[_Pooled] = []
+        self._reaper: threading.Timer | None = None
+        # Counters (tests and the benchmark): sessions opened, leased now, most leased at once.
+        self.opened = 0
+        self.leased = 0
+        self.max_leased = 0
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return self.leased + len(self._idle)
+
+    @contextlib.contextmanager
+    def lease(self, login: PoolLogin) -> Iterator[Any]:
+        """A logged-in client for the duration of the ``with``; returned on success, dropped after an error."""
+        if not self._slots.acquire(timeout=self.acquire_timeout):
+            raise MailServerUnavailable(
+                f"All {self.max_connections} IMAP connections of {self.name or 'the mailbox'} in this process were "
+                f"busy for {self.acquire_timeout:.0f} s; this is retried. Raise [o365mail] "
+                "max_imap_connections_per_mailbox if the mailbox has connections to spare (Exchange allows about 20)."
+            )
+        try:
+            with self._lock:
+                self.leased += 1
+                self.max_leased = max(self.max_leased, self.leased)
+            pooled = self._checkout(login)
+            try:
+                yield pooled.client
+            except BaseException:
+                self._close(pooled.client)
+                raise
+            pooled.returned_at = self._clock()
+            with self._lock:
+                self._idle.append(pooled)
+            self._schedule_reaper()
+        finally:
+            with self._lock:
+                self.leased -= 1
+            self._slots.release()
+
+    def _checkout(self, login: PoolLogin) -> _Pooled:
+        while True:
+            with self._lock:
+                pooled = self._idle.pop() if self._idle else None  # most recently used: likeliest alive
+            if pooled is None:
+                client, token = login()
+                with self._lock:
+                    self.opened += 1
+                return _Pooled(client, float(token.expires_on), self._clock())
+            now = self._clock()
+            if pooled.expires_on - now < self.token_margin:
+                log.debug(
+                    "IMAP session of %s: its token expires in %.0f s; logging in again.",
+                    self.name,
+                    pooled.expires_on - now,
+                )
+                self._close(pooled.client)
+                continue
+            if now - pooled.returned_at > self.probe_after:
+                try:
+                    pooled.client.noop()
+                except Exception:
+                    self._close(pooled.client)
+                    continue
+            return pooled
+
+    def close_idle(self, older_than: float = 0.0) -> int:
+        """Log out idle sessions returned more than ``older_than`` seconds ago; how many."""
+        now = self._clock()
+        with self._lock:
+            stale = [p for p in self._idle if now - p.returned_at >= older_than]
+            self._idle = [p for p in self._idle if now - p.returned_at < older_than]
+        for pooled in stale:
+            self._close(pooled.client)
+        return len(stale)
+
+    def _schedule_reaper(self) -> None:
+        # A timer thread, not the event loop: sync callers (poking workers) have no loop.
+        with self._lock:
+            if self._reaper is not None or self.idle_ttl <= 0:
+                return
+            self._reaper = threading.Timer(self.idle_ttl, self._reap)
+            self._reaper.daemon = True
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        with self._lock:
+            self._reaper = None
+        self.close_idle(self.idle_ttl)
+        with self._lock:
+            remaining = bool(self._idle)
+        if remaining:
+            self._schedule_reaper()
+
+
+_POOLS: dict[Hashable, ImapPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def imap_pool(key: Hashable, max_connections: int = DEFAULT_MAX_CONNECTIONS, *, name: str = "") -> ImapPool:
+    """The process-wide pool for ``key`` (connection and mailbox), created with ``max_connections``."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None or pool.max_connections != max_connections:
+            if pool is not None:  # the budget was changed: new leases use the new one
+                pool.close_idle()
+            pool = _POOLS[key] = ImapPool(max_connections, name=name)
+        return pool
+
+
+def close_idle_pools() -> int:
+    """Log out every idle session of every pool in this process; how many.
+
+    For a long-lived process that used many connection ids of one mailbox (a test session, a
+    triggerer being drained): each pool keeps its idle sessions ``idle_ttl`` seconds, and the
+    mailbox's cap (about 20 on Exchange) counts them all."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    return sum(pool.close_idle() for pool in pools)
+
+
+def _after_fork_in_child() -> None:
+    # Airflow forks task processes; a child must never talk on the parent's sockets.
+    # Their idle sessions are simply forgotten (and locks held by the parent's threads with them).
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,134 @@
+"""A process that plays Airflow's worker for the sensor kill test: one forked child per task try.
+
+It imports the provider once, then reads one JSON command per line from stdin: run one try (or
+``phase`` of a try: ``poke``, ``resume`` from the trigger, or ``full``: poke, then the trigger if
+nothing was found) of the sensor for ``run_id`` and SIGKILL that try at its ``kill_at``-th boundary (a call into the watermark
+store, the IMAP check, the post-action, or the XCom write; counted across tries in ``counter``).
+The parent test decides task states like Airflow does (``states`` file: success only after a clean
+exit with the XCom written) and reads them back through the fake task instance.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
+from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+
+#: Log lines share stdout: the parent reads only lines with this prefix.
+RESULT = "@@result "
+
+
+class Boundaries:
+    def __init__(self, counter: Path, kill_at: int) -> None:
+        self.counter = counter
+        self.kill_at = kill_at
+
+    def cross(self, name: str) -> None:
+        n = int(self.counter.read_text() or 0) + 1 if self.counter.exists() else 1
+        self.counter.write_text(str(n))
+        if n == self.kill_at:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(self, owner: type, name: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def crossing(*args, **kwargs):
+            self.cross(f"before {name}")
+            result = original(*args, **kwargs)
+            self.cross(f"after {name}")
+            return result
+
+        setattr(owner, name, crossing)
+
+
+class FakeTI:
+    def __init__(self, dag_id: str, run_id: str, task_id: str, states: Path) -> None:
+        self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, -1
+        self._states = states
+
+    def get_task_states(self, dag_id, task_ids, run_ids):
+        states = json.loads(self._states.read_text()) if self._states.exists() else {}
+        return {run: {task_ids[0]: states[run]} for run in run_ids if run in states}
+
+
+def one_try(command: dict) -> None:
+    from airflow import settings
+
+    if settings.engine is not None:  # never share the parent's pooled DB connections
+        settings.engine.dispose(close=False)
+    boundaries = Boundaries(Path(command["counter"]), int(command["kill_at"]))
+    boundaries.wrap(VariableWatermarkStore, "save_state")
+    boundaries.wrap(O365MailHook, "check_mail")
+    boundaries.wrap(O365MailHook, "apply_post_action")
+    sensor = O365ImapSensor(
+        task_id="wait",
+        conn_id=command["conn_id"],
+        folders=command["folder"],
+        new_only=True,
+        post_action=command["post_action"],
+        watermark_id=command["watermark_id"],
+    )
+    ti = FakeTI("kill_dag", command["run_id"], "wait", Path(command["states"]))
+    context = {"ti": ti}
+    messages = None
+    if command["phase"] in ("poke", "full"):  # execute()'s first poke (every try starts with it)
+        found = sensor.poke(context)
+        messages = found.xcom_value if found else None
+    deferrable = command["mode"] == "deferrable"
+    if messages is None and (command["phase"] == "resume" or (command["phase"] == "full" and deferrable)):
+        messages = resumed_from_trigger(sensor, context)
+    boundaries.cross("before xcom")
+    xcom = Path(command["xcom"])
+    xcom.write_text(json.dumps(messages))
+    boundaries.cross("after xcom")
+    os._exit(0 if messages else 3)  # 3: not found yet (the sensor would poke again)
+
+
+def resumed_from_trigger(sensor: O365ImapSensor, context: dict) -> list | None:
+    """The sensor's trigger fires (its real check, in this process), then the worker resumes in
+    ``execute_complete``: the deferrable path after a poke that found nothing."""
+    import asyncio
+
+    from airflow_provider_o365mail.triggers.imap import O365ImapTrigger
+
+    spec = sensor.watch_spec()
+    trigger = O365ImapTrigger(
+        conn_id=sensor.conn_id, spec=spec.to_dict(), watermark_key=sensor.watermark_key(), max_idle=30
+    )
+
+    async def fired():
+        return await asyncio.wait_for(trigger.run().__anext__(), 60)
+
+    event = asyncio.run(fired())
+    return sensor.execute_complete(context, event.payload)
+
+
+def main() -> None:
+    for line in sys.stdin:
+        command = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.dump_traceback_later(60, exit=True)  # a hung try shows where, then ends
+            try:
+                one_try(command)
+            except BaseException as err:  # a try that fails: like a task failure
+                print(f"try failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        outcome = {"status": status, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0}
+        print(RESULT + json.dumps(outcome))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""IDLE waiting with a fake aioimaplib client, a fake token and an injected clock (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass
+
+import pytest
+from imap_fakes import FakeIdleClient
+
+from airflow_provider_o365mail.exceptions import MailAuthenticationError, MailServerError, MailServerUnavailable
+from airflow_provider_o365mail.mail.imap_idle import (
+    TOKEN_MARGIN_SECONDS,
+    IdleUnsupported,
+    ImapEndpoint,
+    MailWaiter,
+    wait_for_new_mail,
+)
+
+ENDPOINT = ImapEndpoint("imap.test", 993, "me@example.com", 5.0, ssl.create_default_context())
+NOW = 1_000_000.0
+
+
+@dataclass(frozen=True)
+class Token:
+    token: str = "t"
+    expires_on: float = NOW + 3600
+
+
+def wait(client: FakeIdleClient, *, known_uidnext=None, token=Token(), max_idle=1500.0, probe_interval=240.0):
+    return asyncio.run(
+        wait_for_new_mail(
+            ENDPOINT,
+            "INBOX",
+            token,
+            known_uidnext,
+            max_idle,
+            probe_interval=probe_interval,
+            client_factory=lambda _endpoint, on_lost: client.bind(on_lost),
+            clock=lambda: NOW,
+        )
+    )
+
+
+def test_a_pushed_exists_ends_the_wait():
+    client = FakeIdleClient(pushes=[[b"3 EXISTS"]])
+    assert wait(client, known_uidnext=5) == "push"
+    assert client.calls[-2:] == ["done", "logout"], "IDLE is ended and the session logged out"
+
+
+def test_mail_that_arrived_before_idle_is_reported_without_waiting():
+    client = FakeIdleClient(uidnext=9)
+    assert wait(client, known_uidnext=5) == "changed"
+    assert "idle" not in client.calls
+
+
+def test_idle_never_outlives_the_token():
+    client = FakeIdleClient()
+    assert wait(client, token=Token(expires_on=NOW + TOKEN_MARGIN_SECONDS + 1.5), known_uidnext=5) == "timeout"
+    assert client.idle_timeout == pytest.approx(1.5, abs=0.05)
+    spent = FakeIdleClient()
+    assert wait(spent, token=Token(expires_on=NOW + 60), known_uidnext=5) == "timeout"
+    assert "idle" not in spent.calls, "a token inside the margin is not used for IDLE at all"
+
+
+def test_bye_during_idle_is_an_error_not_new_mail():
+    client = FakeIdleClient(pushes=[[b"BYE Session invalidated - AccessTokenExpired"]])
+    with pytest.raises(MailServerError, match="AccessTokenExpired"):
+        wait(client, known_uidnext=5)
+
+
+def test_a_refused_login_is_an_authentication_error():
+    with pytest.raises(MailAuthenticationError, match="for IDLE failed"):
+        wait(FakeIdleClient(login_ok=False))
+
+
+def test_no_idle_capability_is_reported():
+    with pytest.raises(IdleUnsupported):
+        wait(FakeIdleClient(capabilities=frozenset()))
+
+
+def test_waiter_returns_the_first_folder_that_changes_and_cancels_the_others():
+    cancelled: list[str] = []
+
+    async def wait_one(folder, token, known_uidnext):
+        if folder == "B":
+            return "push"
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(folder)
+            raise
+        return "timeout"
+
+    waiter = MailWaiter(ENDPOINT, Token, ["A", "B", "C"], poll_interval=60, wait_one=wait_one)
+    assert asyncio.run(waiter.wait({})) == "push"
+    assert sorted(cancelled) == ["A", "C"] and waiter.idle_supported is True
+
+
+def test_waiter_falls_back_to_polling_where_idle_is_missing():
+    slept: list[float] = []
+    tokens: list[int] = []
+
+    async def wait_one(folder, token, known_uidnext):
+        raise IdleUnsupported("imap.test")
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    def token_source():
+        tokens.append(1)
+        return Token()
+
+    waiter = MailWaiter(ENDPOINT, token_source, ["INBOX"], poll_interval=42, wait_one=wait_one, sleep=sleep)
+    assert asyncio.run(waiter.wait({})) == "poll"
+    assert asyncio.run(waiter.wait({})) == "poll"
+    assert slept == [42, 42] and waiter.idle_supported is False
+    assert len(tokens) == 1, "polling needs no token for the wait"
+
+
+def test_idle_is_renewed_every_probe_interval_while_the_server_answers():
+    client = FakeIdleClient()
+
+    async def later():
+        await asyncio.sleep(0.35)
+        client.pushes.put_nowait([b"4 EXISTS"])
+
+    async def run():
+        asyncio.get_running_loop().create_task(later())
+        return await wait_for_new_mail(
+            ENDPOINT,
+            "INBOX",
+            Token(),
+            5,
+            probe_interval=0.1,
+            client_factory=lambda _e, on_lost: client.bind(on_lost),
+            clock=lambda: NOW,
+        )
+
+    assert asyncio.run(run()) == "push"
+    assert client.idles >= 3, "IDLE was ended (DONE answered) and re-issued"
+
+
+def test_a_server_that_stops_answering_is_noticed_at_the_next_probe():
+    client = FakeIdleClient(answers_done=False)
+    started = time.monotonic()
+    with pytest.raises(MailServerUnavailable, match="did not answer DONE"):
+        wait(client, known_uidnext=5, probe_interval=0.1)
+    assert time.monotonic() - started < ENDPOINT.timeout + 3
+
+
+def test_a_reset_connection_ends_the_wait_at_once():
+    client = FakeIdleClient()
+
+    async def run():
+        asyncio.get_running_loop().call_later(0.2, client.drop)
+        return await wait_for_new_mail(
+            ENDPOINT, "INBOX", Token(), 5, client_factory=lambda _e, on_lost: client.bind(on_lost), clock=lambda: NOW
+        )
+
+    started = time.monotonic()
+    with pytest.raises(MailServerUnavailable, match="was lost"):
+        asyncio.run(run())
+    assert time.monotonic() - started < 3, "not at the end of the 25-minute IDLE"

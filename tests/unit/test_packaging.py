@@ -1,0 +1,139 @@
+"""Packaging: the pytest11 plugin costs users' unrelated test runs nothing (no heavy import until a
+fixture is used); package metadata a platform team checks before adopting the provider."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("airflow", "msal", "requests", "fastapi", "uvicorn", "httpx", "cryptography", "jwt", "sqlalchemy")
+PLUGIN = "airflow_provider_o365mail.testing.pytest_plugin"
+
+
+def run_pytest(tmp_path: Path, test_source: str) -> dict:
+    """Run pytest on one unrelated test file with only the plugin loaded; the file's test writes
+    which heavy packages were imported, and whether pytest knows the plugin's option and fixtures."""
+    report = tmp_path / "report.json"
+    (tmp_path / "test_unrelated.py").write_text(
+        textwrap.dedent(test_source)
+        + textwrap.dedent(
+            f"""
+            import json, sys
+
+            def test_unrelated(pytestconfig):
+                heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+                fixtures = pytestconfig.pluginmanager.get_plugin({PLUGIN!r})
+                with open({str(report)!r}, "w") as fh:
+                    json.dump({{
+                        "heavy": heavy,
+                        "option": pytestconfig.getoption("--o365-sandbox-state-dir", default="missing"),
+                        "plugin": fixtures is not None and hasattr(fixtures, "o365_sandbox"),
+                    }}, fh)
+                assert 1 + 1 == 2
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # Only this plugin (no other installed one that might import airflow), as an entry point would load it.
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", PLUGIN, "-p", "no:cacheprovider", "-q", "test_unrelated.py"],
+        cwd=tmp_path,  # outside the repository: its conftest.py (Airflow DB) is not collected
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(report.read_text())
+
+
+def test_plugin_imports_nothing_heavy_until_a_fixture_is_used(tmp_path):
+    report = run_pytest(tmp_path, "")
+    assert report["plugin"] and report["option"] is None, "the plugin was loaded and registered its option"
+    assert report["heavy"] == [], f"an unrelated test run imported {report['heavy']}"
+
+
+def test_the_check_sees_a_heavy_import(tmp_path):
+    # The same probe notices the sandbox's dependencies once the sandbox module is imported.
+    report = run_pytest(tmp_path, "import airflow_provider_o365mail.testing.sandbox\n")
+    assert "requests" in report["heavy"]
+
+
+@pytest.mark.parametrize("name", ["Sandbox", "SandboxInfo", "read_env_file"])
+def test_package_exports_stay_importable(name):
+    import airflow_provider_o365mail.testing as testing
+    from airflow_provider_o365mail.testing import sandbox
+
+    assert getattr(testing, name) is getattr(sandbox, name)
+    with pytest.raises(AttributeError):
+        testing.no_such_name
+
+
+# ---------------------------------------------------------------- metadata (the built artefacts: scripts/check_dist.py)
+ROOT = Path(__file__).parents[2]
+REPO_URL = "https://github.com/o365mail/airflow-provider-o365mail"
+DOCS_SITE = "https://o365mail.github.io/airflow-provider-o365mail/"  # mkdocs.yml's site_url
+
+
+def pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_readme_links_work_on_pypi():
+    """PyPI renders the README without the repository: relative links would be dead there."""
+    import re
+
+    targets = re.findall(r"\]\(([^)]+)\)", (ROOT / "README.md").read_text())
+    assert targets, "the README links its docs"
+    relative = [t for t in targets if not t.startswith(("https://", "http://", "#"))]
+    assert relative == []
+    for target in targets:
+        if target.startswith(f"{REPO_URL}/blob/main/") or target.startswith(f"{REPO_URL}/tree/main/"):
+            path = target.split("/main/", 1)[1].split("#")[0]
+            assert (ROOT / path).exists(), f"README links {path}, which is not in the repository"
+
+
+def test_one_repository_url_everywhere():
+    from airflow_provider_o365mail import hints
+    from airflow_provider_o365mail.get_provider_info import get_provider_info
+
+    urls = pyproject()["project"]["urls"]
+    assert set(urls) == {"Homepage", "Documentation", "Source", "Changelog", "Issues"}
+    docs = urls.pop("Documentation")
+    assert all(url.startswith(REPO_URL) for url in urls.values())
+    assert docs == DOCS_SITE
+    assert DOCS_SITE.rstrip("/") == hints.DOCS_URL
+    # Airflow >= 3.3 takes the documentation URL from Project-URL, older versions from provider info.
+    assert get_provider_info()["documentation-url"] == docs
+
+
+def test_license_and_classifiers():
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    classifiers = project["classifiers"]
+    assert {"Framework :: Apache Airflow", "Framework :: Apache Airflow :: Provider"} <= set(classifiers)
+    python = {c.rsplit(":: ", 1)[1] for c in classifiers if c.startswith("Programming Language :: Python :: 3.")}
+    assert python == {"3.11", "3.12", "3.13"}
+    assert not [c for c in classifiers if c.startswith("License ::")], "PEP 639: the license expression only"
+    assert (ROOT / "airflow_provider_o365mail" / "py.typed").exists()
+
+
+def test_changelog_has_the_released_version_and_unreleased():
+    from airflow_provider_o365mail import __version__
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog
+    assert f"## [{__version__}]" in changelog
