@@ -142,7 +142,8 @@ def _authorize_by_loopback(
         flow_helper = ConsentFlow(settings, local_uri)
         flow = flow_helper.start()
         print(
-            f"Sign in as the mailbox user and accept; waiting for the callback on {local_uri}\n\n{flow['auth_uri']}\n"
+            f"Sign in as the mailbox user and accept; waiting for the callback on {local_uri}\n\n{flow['auth_uri']}\n",
+            flush=True,  # the link must reach a piped terminal (| tee) before the wait
         )
         if open_browser:
             webbrowser.open(flow["auth_uri"])

@@ -179,6 +179,8 @@ def start_airflow_services(
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
+        # Service output goes to log files that tests read while the service runs: no block buffering.
+        "PYTHONUNBUFFERED": "1",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",

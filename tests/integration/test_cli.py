@@ -26,6 +26,11 @@ CLI = (
 )
 
 
+#: The environment of a user who pipes the command's output (``| tee``): Python block-buffers stdout,
+#: so a prompt the command does not flush never reaches them.
+PIPED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 def airflow(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, *args],
@@ -53,6 +58,7 @@ def start_authorize(conn_id: str, *flags: str) -> tuple[subprocess.Popen, str | 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=PIPED,
     )
     link = None
     for line in process.stdout:

@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from test_cli import CLI, stored_connection_extra
+from test_cli import CLI, PIPED, stored_connection_extra
 
 from airflow_provider_o365mail.exceptions import ClientCredentialError
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
@@ -56,6 +56,7 @@ def start_device_authorize(conn_id: str, timeout: float = 120) -> tuple[subproce
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=PIPED,
     )
     seen = []
     process.seen = seen  # type: ignore[attr-defined]
