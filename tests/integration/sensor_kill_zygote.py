@@ -113,7 +113,25 @@ def resumed_from_trigger(sensor: O365ImapSensor, context: dict) -> list | None:
     return sensor.execute_complete(context, event.payload)
 
 
+def warm_up() -> None:
+    """Import what the tries import, once, before any fork. A child that imports Airflow's models
+    lazily from two threads at once (the trigger's check loads a Connection, which configures the
+    SQLAlchemy mappers and imports every model, while another thread imports ``Variable``) can
+    deadlock on the import lock against SQLAlchemy's configure lock: a try that hangs until
+    faulthandler ends it, not the fault this test injects."""
+    import airflow.models
+    from sqlalchemy.orm import configure_mappers
+
+    airflow.models.import_all_models()
+    configure_mappers()
+    import airflow.models.connection
+    import airflow.models.variable
+
+    import airflow_provider_o365mail.triggers.imap  # noqa: F401
+
+
 def main() -> None:
+    warm_up()
     for line in sys.stdin:
         command = json.loads(line)
         pid = os.fork()

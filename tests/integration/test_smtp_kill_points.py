@@ -45,6 +45,7 @@ TASK_ID = "send"
 SEED = int(os.environ.get("O365MAIL_FAULT_SEED", str(random.randrange(1 << 30))))
 
 DAG_SOURCE = """
+import time
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
@@ -61,6 +62,9 @@ with DAG("{dag_id}", schedule=None, start_date=datetime(2026, 1, 1), catchup=Fal
         retry_delay=timedelta(seconds=0),
         # The sandbox stores the Sent Items copy before it answers 250; Exchange's copy can lag.
         sent_items_wait=2,
+        # Holds the try for 3 s after the batch, before Airflow records success: the kill point
+        # "after the last message" lands there, not in a race with the task's last few milliseconds.
+        post_execute=lambda context, result: time.sleep(3),
     )
 """
 
@@ -147,11 +151,16 @@ class Killer:
         while not reached(entries := self.entries(), point):
             if time.monotonic() - checked > 1:
                 ti = task_instance(self.run_id)
-                assert ti is not None and ti[0] == "running", f"{self.run_id} try {try_number} ended: {ti}"
+                assert ti is not None and ti[0] == "running", f"seed {SEED}: {self.run_id} try {try_number} ended: {ti}"
                 checked = time.monotonic()
-            assert time.monotonic() < deadline, f"{point} not reached in {self.run_id}: {len(entries)} entries"
+            assert time.monotonic() < deadline, (
+                f"seed {SEED}: {point} not reached in {self.run_id}: {len(entries)} entries"
+            )
             time.sleep(0.04)
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pytest.fail(f"seed {SEED}: try {try_number} of {self.run_id} ended before the kill at {point}")
         self.landed.append((point, len(self.entries()), try_number))
 
         def ended():
@@ -159,7 +168,7 @@ class Killer:
             return ti is not None and (ti[1] > try_number or ti[0] in ("up_for_retry", "failed", "success")) and ti
 
         state = wait_until(ended, 60, f"Airflow to record the killed try {try_number}", interval=0.05)
-        assert state[0] != "success", f"the try killed at {point} was recorded as success: {state}"
+        assert state[0] != "success", f"seed {SEED}: the try killed at {point} was recorded as success: {state}"
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +191,7 @@ def test_sigkilled_airflow_task_delivers_each_of_200_messages_exactly_once(
     started = time.monotonic()
     conn_id = db_connection(f"kill_{uuid.uuid4().hex[:8]}", os.environ[f"AIRFLOW_CONN_{o365mail_conn.upper()}"])
     runs = runs_of(planned_points(SEED))
+    print(f"seed {SEED} (O365MAIL_FAULT_SEED repeats this sample): {sum(map(len, runs))} kill points", flush=True)
     dag_file = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]) / f"{DAG_ID}.py"
     dag_file.parent.mkdir(parents=True, exist_ok=True)
     dag_file.write_text(
