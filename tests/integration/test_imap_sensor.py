@@ -149,8 +149,12 @@ def test_hostile_values_cannot_change_the_search(o365mail_conn, o365_sandbox, va
     with imap_session(sbx, sbx.user) as client:
         if not client.folder_exists(folder):
             client.create_folder(folder)
+        client.select_folder(folder)
+        if len(client.search(["SUBJECT", "harmless"])) < 3:  # also after the mailboxes were cleaned
             for i in range(3):
                 client.append(folder, raw_message(f"harmless {i}"))
+    # The control: the folder has mail a search finds, so "no match" below is the search's doing.
+    assert sensor(o365mail_conn, folders=folder, subject="harmless").poke({})
     for field in ("subject", "sender", "recipient"):
         s = sensor(o365mail_conn, folders=folder, **{field: value})
         if "\r" in value or "\n" in value:
