@@ -32,6 +32,7 @@ from airflow_provider_o365mail.mail.imap_idle import (
     RECONNECT,
     IdleUnsupported,
     ImapEndpoint,
+    first_completed,
     wait_for_new_mail,
 )
 from airflow_provider_o365mail.retry import Backoff
@@ -323,17 +324,8 @@ class FolderWatch:
         if len(self.subscriptions) == 1:  # the common case: no extra tasks
             ((folder, sub),) = self.subscriptions.items()
             return await sub.wait(mark.get(folder, 0), uidnext.get(folder))
-        waits = [
-            asyncio.ensure_future(sub.wait(mark.get(folder, 0), uidnext.get(folder)))
-            for folder, sub in self.subscriptions.items()
-        ]
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in waits:
-                pending.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-        return next(iter(done)).result()
+        waits = [sub.wait(mark.get(folder, 0), uidnext.get(folder)) for folder, sub in self.subscriptions.items()]
+        return (await first_completed(waits)).result()
 
     def close(self) -> None:
         for sub in self.subscriptions.values():

@@ -33,6 +33,21 @@ from airflow_provider_o365mail.retry import Backoff
 from airflow_provider_o365mail.tls import HttpProxy
 
 log = logging.getLogger(__name__)
+
+
+async def first_completed(waits: Sequence[Awaitable[str]]) -> asyncio.Future[str]:
+    """Run ``waits`` together until the first ends; the others are cancelled and awaited. Returns the
+    finished one (its ``result()`` raises what it raised)."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in futures:
+            pending.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+    return next(iter(done))
+
+
 # aioimaplib logs the AUTHENTICATE line (a base64 token) at DEBUG: never let that through.
 logging.getLogger("aioimaplib.aioimaplib").setLevel(logging.INFO)
 
@@ -281,16 +296,9 @@ class MailWaiter:
             await self._sleep(self.poll_interval)
             return "poll"
         endpoint, token = await asyncio.to_thread(self._resolve)
-        waits = [
-            asyncio.ensure_future(self._wait_one(folder, token, known_uidnext.get(folder))) for folder in self.folders
-        ]
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in waits:
-                pending.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-        outcome = next(iter(done))
+        outcome = await first_completed(
+            [self._wait_one(folder, token, known_uidnext.get(folder)) for folder in self.folders]
+        )
         try:
             reason = outcome.result()
         except IdleUnsupported:
