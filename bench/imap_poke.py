@@ -93,8 +93,8 @@ def main() -> None:
 
     from airflow.providers.imap.hooks.imap import ImapHook
 
+    from airflow_provider_o365mail.core.watermark import FolderWatermark, VariableWatermarkStore
     from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-    from airflow_provider_o365mail.mail.watermark import FolderWatermark, VariableWatermarkStore
     from airflow_provider_o365mail.operators.imap_attachments import O365ImapAttachmentOperator
     from airflow_provider_o365mail.sensors.imap import O365ImapSensor
     from airflow_provider_o365mail.testing.mailbox import imap_session

@@ -67,9 +67,9 @@ class LegacyTrigger:
 
     async def run(self):
         from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-        from airflow_provider_o365mail.mail import imap_watch
-        from airflow_provider_o365mail.mail.imap_scan import ImapSession
-        from airflow_provider_o365mail.mail.imap_watch import WatchSpec
+        from airflow_provider_o365mail.imap import watch as imap_watch
+        from airflow_provider_o365mail.imap.scan import ImapSession
+        from airflow_provider_o365mail.imap.watch import WatchSpec
 
         spec = WatchSpec.from_dict(self.spec)
         hook = O365MailHook(self.conn_id)
@@ -114,8 +114,8 @@ class Scenario:
         return metrics
 
     async def _ready(self, conn_id: str, proxy: Any) -> None:
-        from airflow_provider_o365mail.mail.imap_gate import check_gate
-        from airflow_provider_o365mail.mail.imap_hub import idle_hub
+        from airflow_provider_o365mail.core.gate import check_gate
+        from airflow_provider_o365mail.imap.hub import idle_hub
 
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:

@@ -178,7 +178,7 @@ def main() -> None:
 _CHILD = """
 import sys
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
 tag, n, to = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 hook = O365MailHook("o365mail_bench")
 ti = TaskIdentity("bench", "manual__" + tag, "send", -1)
@@ -211,8 +211,8 @@ def exactly_once_figures(sbx, args) -> None:
 
 
 def kill_at_half(sbx, n: int) -> dict[str, int]:
-    from airflow_provider_o365mail.mail.message_ids import TaskIdentity
-    from airflow_provider_o365mail.mail.send_ledger import SendLedger
+    from airflow_provider_o365mail.core.message_ids import TaskIdentity
+    from airflow_provider_o365mail.core.send_ledger import SendLedger
     from airflow_provider_o365mail.runtime import MetadataDbVariables
     from airflow_provider_o365mail.testing.mailbox import fetch_raw_messages, parse, wait_for_messages
 

@@ -54,7 +54,7 @@ def _each_test_leaves_no_idle_imap_sessions():
     stay logged in for 60 s: twenty quick tests in a row held Dovecot's 20 connections of the
     mailbox (the Exchange cap the sandbox enforces), and the next login was refused."""
     yield
-    from airflow_provider_o365mail.mail.imap_pool import close_idle_pools
+    from airflow_provider_o365mail.imap.pool import close_idle_pools
 
     close_idle_pools()
 

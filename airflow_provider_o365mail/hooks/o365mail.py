@@ -27,6 +27,18 @@ from airflow_provider_o365mail.connection import (
     O365MailSettings,
     settings_from_connection,
 )
+from airflow_provider_o365mail.core.batch import send_batch
+from airflow_provider_o365mail.core.budget import SessionBudget, session_budget
+from airflow_provider_o365mail.core.compose import OutgoingMessage, PlannedMessage, compose_message, plan_message
+from airflow_provider_o365mail.core.gate import check_gate
+from airflow_provider_o365mail.core.message_ids import TaskIdentity, stable_message_id
+from airflow_provider_o365mail.core.recipient_budget import (
+    DEFAULT_DAILY_RECIPIENT_BUDGET,
+    RecipientBudget,
+    budget_key,
+)
+from airflow_provider_o365mail.core.send_ledger import SendLedger
+from airflow_provider_o365mail.core.watermark import FolderWatermark, WatermarkStore
 from airflow_provider_o365mail.exceptions import (
     AuthorizationError,
     ConnectionConfigError,
@@ -37,30 +49,19 @@ from airflow_provider_o365mail.exceptions import (
     TlsRequiredError,
 )
 from airflow_provider_o365mail.hooks import connection_form
+from airflow_provider_o365mail.imap import watch as imap_watch
+from airflow_provider_o365mail.imap.errors import refusal_class
+from airflow_provider_o365mail.imap.hub import FolderWatch, idle_hub
+from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, ImapEndpoint, MailWaiter
+from airflow_provider_o365mail.imap.pool import DEFAULT_MAX_CONNECTIONS, ImapPool, imap_pool
+from airflow_provider_o365mail.imap.proxied import ProxiedIMAPClient
+from airflow_provider_o365mail.imap.scan import ImapSession
+from airflow_provider_o365mail.imap.stream import FolderStream
+from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec
 from airflow_provider_o365mail.locks import host_lock
-from airflow_provider_o365mail.mail import imap_watch
-from airflow_provider_o365mail.mail.batch import send_batch
-from airflow_provider_o365mail.mail.compose import OutgoingMessage, PlannedMessage, compose_message, plan_message
-from airflow_provider_o365mail.mail.imap_errors import refusal_class
-from airflow_provider_o365mail.mail.imap_gate import check_gate
-from airflow_provider_o365mail.mail.imap_hub import FolderWatch, idle_hub
-from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS, ImapEndpoint, MailWaiter
-from airflow_provider_o365mail.mail.imap_pool import DEFAULT_MAX_CONNECTIONS, ImapPool, imap_pool
-from airflow_provider_o365mail.mail.imap_scan import ImapSession
-from airflow_provider_o365mail.mail.imap_stream import FolderStream
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity, stable_message_id
-from airflow_provider_o365mail.mail.proxied import ProxiedIMAPClient, ProxiedSMTP
-from airflow_provider_o365mail.mail.recipient_budget import (
-    DEFAULT_DAILY_RECIPIENT_BUDGET,
-    RecipientBudget,
-    budget_key,
-)
-from airflow_provider_o365mail.mail.send_ledger import SendLedger
-from airflow_provider_o365mail.mail.session_budget import SessionBudget, session_budget
-from airflow_provider_o365mail.mail.smtp_sender import SEND_RETRY, SendResult, SmtpBatchSender, raise_for_refused
-from airflow_provider_o365mail.mail.watermark import FolderWatermark, WatermarkStore
 from airflow_provider_o365mail.runtime import VariableBackend, default_variables, load_connection
+from airflow_provider_o365mail.smtp.proxied import ProxiedSMTP
+from airflow_provider_o365mail.smtp.sender import SEND_RETRY, SendResult, SmtpBatchSender, raise_for_refused
 from airflow_provider_o365mail.tls import client_ssl_context
 from airflow_provider_o365mail.version_compat import conf
 
@@ -243,7 +244,7 @@ class O365MailHook(BaseHook):
     def check_mail(
         self, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None, *, mailbox: str | None = None
     ) -> CheckResult:
-        """Messages matching ``spec`` in its folders (read-only; see :mod:`.mail.imap_watch`), over a pooled session."""
+        """Messages matching ``spec`` in its folders (read-only; see :mod:`.imap.watch`), over a pooled session."""
         with self._imap_errors("checking mail"), ImapSession(lambda: self.pooled_imap_client(mailbox)) as session:
             return imap_watch.check(session, spec, watermarks)
 

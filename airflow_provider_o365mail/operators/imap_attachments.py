@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.core.attachments import StreamDecoder, safe_file_name, unique_name
 from airflow_provider_o365mail.exceptions import MailServerError, MessageCompositionError
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.attachments import StreamDecoder, safe_file_name, unique_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

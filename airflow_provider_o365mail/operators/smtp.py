@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
 from airflow_provider_o365mail.exceptions import MessageCompositionError
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

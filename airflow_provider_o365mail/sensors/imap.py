@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
-from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, CriteriaError
-from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec, advanced
-from airflow_provider_o365mail.mail.watermark import (
+from airflow_provider_o365mail.core.criteria import POST_ACTIONS, CriteriaError
+from airflow_provider_o365mail.core.watermark import (
     Reservation,
     VariableWatermarkStore,
     WatchState,
     task_key,
     variable_key,
 )
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS
+from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec, advanced
 from airflow_provider_o365mail.triggers.imap import O365ImapTrigger, raise_from_event
 from airflow_provider_o365mail.version_compat import conf
 

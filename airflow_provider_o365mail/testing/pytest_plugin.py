@@ -90,6 +90,6 @@ def o365mail_conn(o365_sandbox, o365_admin, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", o365_sandbox.connection_json(refresh_token=refresh_token))
     yield conn_id
     # Its pool's idle sessions would stay logged in for a minute and count against the mailbox's cap.
-    from airflow_provider_o365mail.mail.imap_pool import close_idle_pools
+    from airflow_provider_o365mail.imap.pool import close_idle_pools
 
     close_idle_pools()

@@ -4,11 +4,11 @@ Loop: note the folders' generation, check the folders, and if nothing matches wa
 changed since that generation. Exchange allows about 20 IMAP connections per mailbox, so the
 triggers of one mailbox share them in this process (the hook builds both):
 
-- the wait joins the shared IDLE watch of each folder (:mod:`.mail.imap_hub`: one IDLE connection
+- the wait joins the shared IDLE watch of each folder (:mod:`.imap.hub`: one IDLE connection
   per connection, mailbox and folder, whatever the number of sensors; polling where there is no IDLE);
 - the check (IMAPClient, blocking) runs in a worker thread over the mailbox's pool of logged-in
-  sessions (:mod:`.mail.imap_pool`, ``[o365mail] max_imap_connections_per_mailbox``), at most that
-  many at once, and identical concurrent checks run once (:mod:`.mail.imap_gate`).
+  sessions (:mod:`.imap.pool`, ``[o365mail] max_imap_connections_per_mailbox``), at most that
+  many at once, and identical concurrent checks run once (:mod:`.core.gate`).
 
 The check is read-only: the post-action and the watermark advance happen on the worker in
 ``execute_complete``, after Airflow persisted the event.
@@ -25,10 +25,10 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.core.watermark import VariableWatermarkStore
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_idle import MAX_IDLE_SECONDS, PERMANENT_ERRORS, RECONNECT
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec
-from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
+from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, PERMANENT_ERRORS, RECONNECT
+from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec
 
 log = logging.getLogger(__name__)
 

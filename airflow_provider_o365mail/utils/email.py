@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
 
 # Airflow's default [email] email_conn_id: an SMTP connection, never ours.
 AIRFLOW_DEFAULT_EMAIL_CONN_ID = "smtp_default"

@@ -18,8 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
+from airflow_provider_o365mail.core.watermark import VariableWatermarkStore
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
 
 #: Log lines share stdout: the parent reads only lines with this prefix.

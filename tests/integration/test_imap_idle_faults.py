@@ -10,7 +10,7 @@ import pytest
 
 from airflow_provider_o365mail.exceptions import MailServerUnavailable
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_idle import aioimaplib_client, wait_for_new_mail
+from airflow_provider_o365mail.imap.idle import aioimaplib_client, wait_for_new_mail
 from airflow_provider_o365mail.testing.fault_proxy import FaultProxy
 from airflow_provider_o365mail.triggers.imap import O365ImapTrigger
 

@@ -8,9 +8,9 @@ from email.message import EmailMessage
 
 import pytest
 
+from airflow_provider_o365mail.core.criteria import CriteriaError
 from airflow_provider_o365mail.exceptions import ReauthorizationRequired
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_criteria import CriteriaError
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
 from airflow_provider_o365mail.testing.mailbox import (
     append_messages,

@@ -27,7 +27,7 @@ from airflow_provider_o365mail.exceptions import (
     ProxyUnavailable,
 )
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.imap_idle import wait_for_new_mail
+from airflow_provider_o365mail.imap.idle import wait_for_new_mail
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
 from airflow_provider_o365mail.testing.connect_proxy import ConnectionRecorder, ConnectProxy
 from airflow_provider_o365mail.testing.fake_smtp import FakeSmtpServer, SmtpScript

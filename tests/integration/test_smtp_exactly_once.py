@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
+from airflow_provider_o365mail.core.recipient_budget import RecipientBudget, budget_key
+from airflow_provider_o365mail.core.send_ledger import SendLedger, ledger_key
 from airflow_provider_o365mail.exceptions import MailServerError, RecipientBudgetExceeded
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
-from airflow_provider_o365mail.mail.recipient_budget import RecipientBudget, budget_key
-from airflow_provider_o365mail.mail.send_ledger import SendLedger, ledger_key
 from airflow_provider_o365mail.operators.smtp import O365SmtpOperator
 from airflow_provider_o365mail.retry import Backoff
 from airflow_provider_o365mail.runtime import MetadataDbVariables
@@ -149,7 +149,7 @@ from pathlib import Path
 
 from airflow_provider_o365mail.exceptions import RecipientBudgetExceeded
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
 from airflow_provider_o365mail.runtime import MetadataDbVariables
 
 conn_id, tag, name, to, go = sys.argv[1:6]

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from test_example_dags_scheduler import Api, running
 
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
-from airflow_provider_o365mail.mail.send_ledger import ledger_key
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
+from airflow_provider_o365mail.core.send_ledger import ledger_key
 from airflow_provider_o365mail.runtime import MetadataDbVariables
 from airflow_provider_o365mail.testing.airflow_services import wait_until
 from airflow_provider_o365mail.testing.mailbox import fetch_raw_messages, parse

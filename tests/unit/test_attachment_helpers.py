@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_o365mail.mail.attachments import StreamDecoder, safe_file_name, unique_name
+from airflow_provider_o365mail.core.attachments import StreamDecoder, safe_file_name, unique_name
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from email import policy
 
 import pytest
 
+from airflow_provider_o365mail.core.addresses import parse_addresses
+from airflow_provider_o365mail.core.compose import compose_message
 from airflow_provider_o365mail.exceptions import MessageCompositionError
-from airflow_provider_o365mail.mail.addresses import parse_addresses
-from airflow_provider_o365mail.mail.compose import compose_message
 
 PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0000003010100"

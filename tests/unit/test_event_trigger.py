@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from airflow_provider_o365mail.core.criteria import CriteriaError, MailCriteria
+from airflow_provider_o365mail.core.summary import headers_of
+from airflow_provider_o365mail.core.watermark import FolderWatermark
 from airflow_provider_o365mail.exceptions import O365MailError
-from airflow_provider_o365mail.mail.imap_criteria import CriteriaError, MailCriteria
-from airflow_provider_o365mail.mail.imap_stream import headers_of
-from airflow_provider_o365mail.mail.watermark import FolderWatermark
 from airflow_provider_o365mail.triggers.imap_events import O365ImapEventTrigger
 from airflow_provider_o365mail.version_compat import AIRFLOW_V_3_3_PLUS, AIRFLOW_VERSION
 

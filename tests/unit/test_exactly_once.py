@@ -16,6 +16,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from airflow_provider_o365mail.core.batch import send_batch
+from airflow_provider_o365mail.core.compose import plan_message
+from airflow_provider_o365mail.core.message_ids import TaskIdentity, normalize_message_id, stable_message_id
+from airflow_provider_o365mail.core.recipient_budget import RecipientBudget
+from airflow_provider_o365mail.core.send_ledger import INDEX_KEY, SendLedger, ledger_key
 from airflow_provider_o365mail.exceptions import (
     DeliveryUnknownError,
     MailServerError,
@@ -23,14 +28,9 @@ from airflow_provider_o365mail.exceptions import (
     RecipientBudgetExceeded,
     SendingBlockedError,
 )
-from airflow_provider_o365mail.mail.batch import send_batch
-from airflow_provider_o365mail.mail.compose import plan_message
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity, normalize_message_id, stable_message_id
-from airflow_provider_o365mail.mail.recipient_budget import RecipientBudget
-from airflow_provider_o365mail.mail.send_ledger import INDEX_KEY, SendLedger, ledger_key
-from airflow_provider_o365mail.mail.smtp_replies import mailbox_block_hint
-from airflow_provider_o365mail.mail.smtp_sender import SmtpBatchSender
 from airflow_provider_o365mail.retry import Backoff
+from airflow_provider_o365mail.smtp.replies import mailbox_block_hint
+from airflow_provider_o365mail.smtp.sender import SmtpBatchSender
 from airflow_provider_o365mail.testing.fake_smtp import FakeSmtpServer, SmtpScript
 from airflow_provider_o365mail.testing.fault_proxy import FaultProxy, FaultRule
 
@@ -173,7 +173,7 @@ def test_a_retry_after_a_failed_batch_sends_only_the_rest_with_the_same_message_
         with sender(server.port, clock, attempts=2) as s, pytest.raises(MailServerError, match="failed 2 times"):
             send_batch(s, planned_batch(5), ledger=SendLedger(store, TI, clock=clock))
         assert len(server.delivered) == 2
-        caplog.set_level(logging.INFO, logger="airflow_provider_o365mail.mail.batch")
+        caplog.set_level(logging.INFO, logger="airflow_provider_o365mail.core.batch")
         with sender(server.port, clock) as s:
             results = send_batch(s, planned_batch(5), ledger=SendLedger(store, TI, clock=clock))
     ids = [stable_message_id(TI, i, "example.com") for i in range(5)]
@@ -382,7 +382,7 @@ def test_a_batch_builds_one_message_at_a_time_and_logs_progress(caplog):
         def sent_count() -> int:
             return len(server.delivered)
 
-        caplog.set_level(logging.INFO, logger="airflow_provider_o365mail.mail.batch")
+        caplog.set_level(logging.INFO, logger="airflow_provider_o365mail.core.batch")
         with sender(server.port, clock) as s:
             send_batch(s, planned, progress_every=25, clock=iter(range(0, 1000, 2)).__next__)
     assert built == list(range(60)) and max(alive) == 1  # never more than one built and unsent
@@ -395,7 +395,7 @@ def test_a_batch_builds_one_message_at_a_time_and_logs_progress(caplog):
 def test_a_large_attachment_is_streamed_from_its_file_and_arrives_intact(tmp_path):
     import os
 
-    from airflow_provider_o365mail.mail.compose import STREAM_THRESHOLD, compose_message
+    from airflow_provider_o365mail.core.compose import STREAM_THRESHOLD, compose_message
 
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(STREAM_THRESHOLD * 3 + 17))  # not a multiple of 57: a short last line

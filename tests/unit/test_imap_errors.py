@@ -9,8 +9,8 @@ from imap_fakes import FakeIdleClient
 from test_imap_idle import ENDPOINT, Token
 
 from airflow_provider_o365mail.exceptions import MailAuthenticationError, MailServerError, MailServerUnavailable
-from airflow_provider_o365mail.mail import imap_idle
-from airflow_provider_o365mail.mail.imap_errors import refusal_class
+from airflow_provider_o365mail.imap import idle as imap_idle
+from airflow_provider_o365mail.imap.errors import refusal_class
 
 
 @pytest.mark.parametrize(

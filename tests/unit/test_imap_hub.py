@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from airflow_provider_o365mail.exceptions import ConsentRevoked, MailServerUnavailable
-from airflow_provider_o365mail.mail.imap_hub import FolderWatch, IdleHub
-from airflow_provider_o365mail.mail.imap_idle import IdleUnsupported, ImapEndpoint
+from airflow_provider_o365mail.imap.hub import FolderWatch, IdleHub
+from airflow_provider_o365mail.imap.idle import IdleUnsupported, ImapEndpoint
 from airflow_provider_o365mail.retry import Backoff
 
 ENDPOINT = ImapEndpoint("imap.test", 993, "me@example.com", 5.0, ssl.create_default_context())

@@ -11,7 +11,7 @@ import pytest
 from imap_fakes import FakeIdleClient
 
 from airflow_provider_o365mail.exceptions import MailAuthenticationError, MailServerError, MailServerUnavailable
-from airflow_provider_o365mail.mail.imap_idle import (
+from airflow_provider_o365mail.imap.idle import (
     TOKEN_MARGIN_SECONDS,
     IdleUnsupported,
     ImapEndpoint,

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from airflow_provider_o365mail.core.gate import CheckGate
 from airflow_provider_o365mail.exceptions import MailServerUnavailable
-from airflow_provider_o365mail.mail.imap_gate import CheckGate
-from airflow_provider_o365mail.mail.imap_pool import ImapPool
-from airflow_provider_o365mail.mail.imap_scan import ImapSession
+from airflow_provider_o365mail.imap.pool import ImapPool
+from airflow_provider_o365mail.imap.scan import ImapSession
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def test_a_pool_and_a_gate_are_shared_per_connection_and_mailbox():
 
 
 def test_close_idle_pools_logs_out_the_idle_sessions_of_every_pool_but_not_leased_ones(clock):
-    from airflow_provider_o365mail.mail.imap_pool import close_idle_pools, imap_pool
+    from airflow_provider_o365mail.imap.pool import close_idle_pools, imap_pool
 
     server = Server(clock)
     first, second = imap_pool(("test", "one", "")), imap_pool(("test", "two", ""))

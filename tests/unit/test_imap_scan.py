@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from imap_fakes import FakeFolder, FakeImapClient
 
+from airflow_provider_o365mail.core.watermark import FolderWatermark
 from airflow_provider_o365mail.exceptions import MailServerError
-from airflow_provider_o365mail.mail import imap_scan
-from airflow_provider_o365mail.mail.imap_scan import ImapSession, scan_folder
-from airflow_provider_o365mail.mail.imap_watch import WatchSpec, check
-from airflow_provider_o365mail.mail.watermark import FolderWatermark
+from airflow_provider_o365mail.imap import scan as imap_scan
+from airflow_provider_o365mail.imap.scan import ImapSession, scan_folder
+from airflow_provider_o365mail.imap.watch import WatchSpec, check
 
 
 def opened(client: FakeImapClient) -> ImapSession:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from imap_fakes import FakeFolder, FakeImapClient
 
+from airflow_provider_o365mail.core.watermark import FolderWatermark
 from airflow_provider_o365mail.exceptions import ConsentRevoked
-from airflow_provider_o365mail.mail.imap_stream import FolderStream
-from airflow_provider_o365mail.mail.watermark import FolderWatermark
+from airflow_provider_o365mail.imap.stream import FolderStream
 from airflow_provider_o365mail.retry import Backoff
 
 

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from imapclient.imapclient import _normalise_search_criteria
 
-from airflow_provider_o365mail.mail.imap_criteria import CriteriaError, MailCriteria, tokenize_raw_criteria
-from airflow_provider_o365mail.mail.imap_summary import attachments_of, summarize
-from airflow_provider_o365mail.mail.imap_watch import CheckResult, WatchSpec, _capped
-from airflow_provider_o365mail.mail.watermark import FolderWatermark
+from airflow_provider_o365mail.core.criteria import CriteriaError, MailCriteria
+from airflow_provider_o365mail.core.watermark import FolderWatermark
+from airflow_provider_o365mail.imap.search import search_keys, tokenize_raw_criteria
+from airflow_provider_o365mail.imap.summary import attachments_of, summarize
+from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec, _capped
 
 Envelope = namedtuple("Envelope", "date subject from_ sender reply_to to cc bcc in_reply_to message_id")
 Address = namedtuple("Address", "name route mailbox host")
@@ -107,7 +108,7 @@ def test_search_keys_quote_every_value_as_one_argument():
         unseen=True,
         header={"X-Report-Id": "42"},
     )
-    wire = b" ".join(_normalise_search_criteria(criteria.search_keys(), "UTF-8"))
+    wire = b" ".join(_normalise_search_criteria(search_keys(criteria), "UTF-8"))
     assert wire == (
         b'OR (FROM a@x.test) (FROM "evil\\" OR ALL \\"") OR TO me@x.test CC me@x.test '
         b'SUBJECT "Q3 \\"final\\" report" SINCE 02-Jan-2026 UNSEEN HEADER X-Report-Id 42'
@@ -117,7 +118,7 @@ def test_search_keys_quote_every_value_as_one_argument():
 @pytest.mark.parametrize("value", ["a\r\nb", "a\nb", "x\0"])
 def test_line_breaks_in_values_are_refused(value):
     with pytest.raises(CriteriaError, match="line break"):
-        MailCriteria.build(subject=value).search_keys()
+        search_keys(MailCriteria.build(subject=value))
 
 
 def test_raw_criteria_tokenizer():

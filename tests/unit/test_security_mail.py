@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from airflow_provider_o365mail.core.addresses import parse_address, parse_addresses
+from airflow_provider_o365mail.core.attachments import safe_file_name
 from airflow_provider_o365mail.exceptions import MessageCompositionError
-from airflow_provider_o365mail.mail.addresses import parse_address, parse_addresses
-from airflow_provider_o365mail.mail.attachments import safe_file_name
 from airflow_provider_o365mail.version_compat import AirflowFailException
 
 

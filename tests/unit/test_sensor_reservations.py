@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_o365mail.mail.imap_watch import CheckResult
-from airflow_provider_o365mail.mail.watermark import VariableWatermarkStore
+from airflow_provider_o365mail.core.watermark import VariableWatermarkStore
+from airflow_provider_o365mail.imap.watch import CheckResult
 from airflow_provider_o365mail.sensors import imap as sensor_module
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from airflow_provider_o365mail.core.compose import compose_message
 from airflow_provider_o365mail.exceptions import MailServerError, MessageRejectedError
-from airflow_provider_o365mail.mail.compose import compose_message
-from airflow_provider_o365mail.mail.smtp_sender import SmtpBatchSender
 from airflow_provider_o365mail.retry import Backoff
+from airflow_provider_o365mail.smtp.sender import SmtpBatchSender
 from airflow_provider_o365mail.testing.fake_smtp import FakeSmtpServer, SmtpScript
 
 
@@ -146,7 +146,7 @@ def test_senders_of_one_process_never_hold_more_sessions_than_the_budget(clock):
     import threading
     import time as real_time
 
-    from airflow_provider_o365mail.mail.session_budget import SessionBudget
+    from airflow_provider_o365mail.core.budget import SessionBudget
 
     budget = SessionBudget(3, what="SMTP sessions of conn/me", option="max_smtp_sessions_per_mailbox")
     script = SmtpScript(offer_starttls=False)
@@ -170,7 +170,7 @@ def test_senders_of_one_process_never_hold_more_sessions_than_the_budget(clock):
 
 
 def test_a_432_at_login_is_retried_and_the_session_holds_one_slot(clock):
-    from airflow_provider_o365mail.mail.session_budget import SessionBudget
+    from airflow_provider_o365mail.core.budget import SessionBudget
 
     budget = SessionBudget(1, what="SMTP sessions", option="max_smtp_sessions_per_mailbox")
     script = SmtpScript(
@@ -184,8 +184,8 @@ def test_a_432_at_login_is_retried_and_the_session_holds_one_slot(clock):
 
 
 def test_a_budget_that_stays_busy_says_which_option_to_change():
+    from airflow_provider_o365mail.core.budget import SessionBudget
     from airflow_provider_o365mail.exceptions import MailServerUnavailable
-    from airflow_provider_o365mail.mail.session_budget import SessionBudget
 
     budget = SessionBudget(1, what="SMTP sessions", option="max_smtp_sessions_per_mailbox", acquire_timeout=0.05)
     fix = r"\[o365mail\] max_smtp_sessions_per_mailbox"

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Literal
 
-from airflow_provider_o365mail.mail.message_ids import TaskIdentity
+from airflow_provider_o365mail.core.message_ids import TaskIdentity
 
 if TYPE_CHECKING:
     from airflow_provider_o365mail.runtime import VariableBackend

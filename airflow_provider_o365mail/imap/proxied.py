@@ -1,15 +1,14 @@
-"""IMAP and SMTP clients whose TCP connection is a CONNECT tunnel through an HTTP proxy.
+"""IMAP clients (IMAPClient, aioimaplib) whose TCP connection is a CONNECT tunnel through an HTTP proxy.
 
 Each client only replaces how its socket is opened (:func:`..tls.open_tunnel` instead of a direct
 connection); everything after it is the library's own: IMAPS wraps the tunnel in TLS for the
-mail server's name, SMTP sends EHLO and STARTTLS through it. The certificate checked is the mail
+mail server's name. The certificate checked is the mail
 server's, with the caller's verifying context, and the XOAUTH2 token is sent only after that.
 """
 
 from __future__ import annotations
 
 import asyncio
-import smtplib
 import socket
 import ssl
 from collections.abc import Callable
@@ -48,17 +47,6 @@ class ProxiedIMAPClient(IMAPClient):
     def _create_IMAP4(self) -> imapclient_tls.IMAP4_TLS:
         connect_timeout = getattr(self._timeout, "connect", None)
         return _TunnelledIMAP4TLS(self.host, self.port, self.ssl_context, connect_timeout, self._proxy)
-
-
-class ProxiedSMTP(smtplib.SMTP):
-    """:class:`smtplib.SMTP` whose connection is a tunnel through ``proxy``; STARTTLS names the mail server."""
-
-    def __init__(self, host: str, port: int, *, proxy: HttpProxy, timeout: float) -> None:
-        self._proxy = proxy  # before super().__init__, which connects
-        super().__init__(host, port, timeout=timeout)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return open_tunnel(self._proxy, host, port, timeout)
 
 
 class ProxiedAioIMAP4(aioimaplib.IMAP4):

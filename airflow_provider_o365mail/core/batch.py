@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from airflow_provider_o365mail import hints
-from airflow_provider_o365mail.mail.smtp_sender import SendResult, SmtpBatchSender
+from airflow_provider_o365mail.core.sending import MessageSender, SendResult
 
 if TYPE_CHECKING:
-    from airflow_provider_o365mail.mail.compose import PlannedMessage
-    from airflow_provider_o365mail.mail.send_ledger import SendLedger
+    from airflow_provider_o365mail.core.compose import PlannedMessage
+    from airflow_provider_o365mail.core.send_ledger import SendLedger
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ EXCHANGE_MESSAGES_PER_MINUTE = 30
 
 
 def send_batch(
-    sender: SmtpBatchSender,
+    sender: MessageSender,
     messages: Sequence[PlannedMessage],
     *,
     ledger: SendLedger | None = None,
@@ -91,7 +91,7 @@ def send_batch(
 def _ledger_callbacks(
     ledger: SendLedger | None, planned: PlannedMessage, done: list[str], copies: int
 ) -> dict[str, Callable]:
-    """``on_sending`` / ``on_accepted`` for :meth:`SmtpBatchSender.send` that keep the message's ledger entry."""
+    """``on_sending`` / ``on_accepted`` for :meth:`MessageSender.send` that keep the message's ledger entry."""
     if ledger is None:
         return {}
     progress = {"done": list(done), "copies": copies}

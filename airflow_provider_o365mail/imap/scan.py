@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_o365mail import hints
+from airflow_provider_o365mail.core.watermark import FolderWatermark, seen_key
 from airflow_provider_o365mail.exceptions import MailServerError
-from airflow_provider_o365mail.mail.imap_summary import FETCH_ITEMS, summarize
-from airflow_provider_o365mail.mail.watermark import FolderWatermark, seen_key
+from airflow_provider_o365mail.imap.summary import FETCH_ITEMS, summarize
 
 log = logging.getLogger(__name__)
 

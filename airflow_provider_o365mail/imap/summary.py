@@ -8,12 +8,15 @@ never makes the summary fail (it shows as what could be read).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import email.header
 import email.policy
 import email.utils
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from imapclient.response_types import BodyData
+
+from airflow_provider_o365mail.core.summary import format_address, header_fields, iso, text
 
 #: The first this many bytes of a message's header are read; what lies beyond is not matched or shown.
 HEADER_BYTES = 65536
@@ -21,21 +24,6 @@ HEADER_ITEM = f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"
 #: What a summary needs, every item bounded: no response line or literal grows with the message
 #: (ENVELOPE would carry a 100 MB Subject whole). BODYSTRUCTURE is fetched apart (see imap_scan).
 FETCH_ITEMS = ["UID", "RFC822.SIZE", "FLAGS", "INTERNALDATE", HEADER_ITEM]
-MAX_TEXT = 998
-
-
-def _text(value: Any) -> str:
-    """Bytes/str from the server, RFC 2047 decoded, never raising."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    elif not isinstance(value, str):
-        value = str(value)
-    if "=?" in value:
-        with contextlib.suppress(Exception):  # broken encoded words: keep the raw text
-            value = str(email.header.make_header(email.header.decode_header(value)))
-    return " ".join(value.split())[:MAX_TEXT]
 
 
 def _address(item: Any) -> str | None:
@@ -46,14 +34,8 @@ def _address(item: Any) -> str | None:
         return None
     if mailbox is None:  # group syntax markers
         return None
-    addr = f"{_text(mailbox)}@{_text(host)}" if host else _text(mailbox)
-    display = _text(name)
-    if not display:
-        return addr
-    try:
-        return email.utils.formataddr((display, addr))
-    except (UnicodeError, ValueError):  # non-ASCII address: formataddr insists on ASCII
-        return f'"{display}" <{addr}>'
+    addr = f"{text(mailbox)}@{text(host)}" if host else text(mailbox)
+    return format_address(text(name), addr)
 
 
 def _addresses(items: Any) -> list[str]:
@@ -62,72 +44,36 @@ def _addresses(items: Any) -> list[str]:
     return [a for a in (_address(item) for item in items) if a]
 
 
-def _iso(value: Any) -> str | None:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return value.isoformat()
-    return None
-
-
 def _params(value: Any) -> dict[str, str]:
-    """BODYSTRUCTURE parameter list -> dict, with RFC 2231 (``name*``, ``name*0*``) decoded."""
+    """BODYSTRUCTURE parameter list -> dict, with RFC 2231 (``name*``, ``name*0*``) decoded by ``email.utils``."""
     if not isinstance(value, (list, tuple)):
         return {}
-    raw: dict[str, str] = {}
     items = list(value)
-    for key, val in zip(items[0::2], items[1::2], strict=False):
-        raw[_text(key).lower()] = val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val or "")
-    decoded: dict[str, str] = {}
-    continued: dict[str, list[tuple[int, bool, str]]] = {}
-    for key, val in raw.items():
-        base, star, rest = key.partition("*")
-        if not star:
-            decoded.setdefault(base, _text(val))
-            continue
-        index = rest.rstrip("*")  # name* (encoded), name*0 (plain section), name*0* (encoded section)
-        section = int(index) if index.isdigit() else 0
-        continued.setdefault(base, []).append((section, rest == "" or rest.endswith("*"), val))
-    for base, sections in continued.items():
-        sections.sort(key=lambda section: section[0])
-        try:
-            decoded[base] = _text(_join_rfc2231(sections))
-        except Exception:
-            decoded.setdefault(base, _text(sections[0][2]))
-    return decoded
-
-
-def _join_rfc2231(sections: list[tuple[int, bool, str]]) -> str:
-    """``filename*0*=utf-8''%C3%A9t; filename*1*=%C3%A9.pdf`` -> ``été.pdf``."""
-    charset = "utf-8"
-    parts = []
-    for number, is_encoded, value in sections:
-        if is_encoded:
-            if number == 0 and value.count("'") >= 2:
-                charset, _language, value = value.split("'", 2)
-            parts.append(_percent_decode(email.utils.unquote(value), charset or "utf-8"))
-        else:
-            parts.append(value)
-    return "".join(parts)
-
-
-def _percent_decode(value: str, charset: str) -> str:
-    from urllib.parse import unquote_to_bytes
-
+    pairs = [
+        (text(key).lower(), val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val or ""))
+        for key, val in zip(items[0::2], items[1::2], strict=False)
+    ]
     try:
-        return unquote_to_bytes(value).decode(charset, errors="replace")
-    except LookupError:
-        return unquote_to_bytes(value).decode("utf-8", errors="replace")
+        decoded = email.utils.decode_params([("", ""), *pairs])[1:]
+    except Exception:  # a broken continuation: the plain parameters still count
+        return {key: text(val) for key, val in pairs if "*" not in key}
+    params: dict[str, str] = {}
+    for key, val in decoded:
+        with contextlib.suppress(Exception):
+            params.setdefault(
+                key, text(email.utils.unquote(email.utils.collapse_rfc2231_value(val, "replace", "utf-8")))
+            )
+    return params
 
 
 def _disposition(value: Any) -> tuple[str, dict[str, str]]:
     if isinstance(value, (list, tuple)) and value:
-        return _text(value[0]).lower(), _params(value[1] if len(value) > 1 else None)
+        return text(value[0]).lower(), _params(value[1] if len(value) > 1 else None)
     return "", {}
 
 
 def _is_multipart(body: Any) -> bool:
-    return isinstance(body, (list, tuple)) and bool(body) and isinstance(body[0], (list, tuple))
+    return BodyData(body).is_multipart
 
 
 def iter_parts(body: Any, prefix: str = "") -> Iterator[tuple[str, Sequence[Any]]]:
@@ -154,7 +100,7 @@ def attachments_of(body: Any) -> list[dict[str, Any]]:
         return found
     for section, part in parts:
         try:
-            maintype, subtype = _text(_field(part, 0)).lower(), _text(_field(part, 1)).lower()
+            maintype, subtype = text(_field(part, 0)).lower(), text(_field(part, 1)).lower()
             params = _params(_field(part, 2))
             # Disposition sits after the type-specific fields: text/* has lines, message/rfc822
             # has envelope, body and lines; look for the first (b"attachment"|b"inline", ...) pair.
@@ -173,7 +119,7 @@ def attachments_of(body: Any) -> list[dict[str, Any]]:
                     "name": name or f"part-{section}",
                     "content_type": f"{maintype or 'application'}/{subtype or 'octet-stream'}",
                     "size": int(size) if isinstance(size, int) else None,
-                    "encoding": _text(_field(part, 5)).lower() or None,
+                    "encoding": text(_field(part, 5)).lower() or None,
                     "section": section,
                     "inline": disposition == "inline",
                 }
@@ -191,44 +137,6 @@ def header_bytes(data: Mapping[bytes, Any]) -> bytes | None:
     return None
 
 
-def _header_fields(raw: bytes | None) -> dict[str, Any]:
-    """From/To/Cc/Subject/Date/Message-ID out of raw header bytes, as ENVELOPE would give them; never raises."""
-    if not raw:
-        return {}
-    try:
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
-    except Exception:
-        return {}
-
-    def addresses(name: str) -> list[str]:
-        try:
-            pairs = email.utils.getaddresses([str(v) for v in message.get_all(name) or []])
-        except Exception:
-            return []
-        found = []
-        for display, addr in pairs:
-            if not addr:
-                continue
-            display = _text(display)
-            try:
-                found.append(email.utils.formataddr((display, addr)) if display else addr)
-            except (UnicodeError, ValueError):
-                found.append(f'"{display}" <{addr}>')
-        return found
-
-    date = None
-    with contextlib.suppress(Exception):
-        date = email.utils.parsedate_to_datetime(str(message.get("Date")))
-    return {
-        "message_id": _text(message.get("Message-ID")) or None,
-        "from": addresses("From"),
-        "to": addresses("To"),
-        "cc": addresses("Cc"),
-        "subject": _text(message.get("Subject")),
-        "date": date,
-    }
-
-
 def summarize(folder: str, uidvalidity: int, uid: int, data: Mapping[bytes, Any]) -> dict[str, Any]:
     """One message as JSON: folder, uid, uidvalidity, message_id, from, to, cc, subject, date, size,
     flags, attachments. The fields come from ENVELOPE when the server sent one, else from the header."""
@@ -240,15 +148,15 @@ def summarize(folder: str, uidvalidity: int, uid: int, data: Mapping[bytes, Any]
 
         from_list = _addresses(env("from_"))
         fields = {
-            "message_id": _text(env("message_id")) or None,
+            "message_id": text(env("message_id")) or None,
             "from": from_list,
             "to": _addresses(env("to")),
             "cc": _addresses(env("cc")),
-            "subject": _text(env("subject")),
+            "subject": text(env("subject")),
             "date": env("date"),
         }
     else:
-        fields = _header_fields(header_bytes(data))
+        fields = header_fields(header_bytes(data))
     from_list = fields.get("from") or []
     flags = data.get(b"FLAGS") or ()
     size = data.get(b"RFC822.SIZE")
@@ -261,9 +169,9 @@ def summarize(folder: str, uidvalidity: int, uid: int, data: Mapping[bytes, Any]
         "to": fields.get("to") or [],
         "cc": fields.get("cc") or [],
         "subject": fields.get("subject") or "",
-        "date": _iso(fields.get("date")) or _iso(data.get(b"INTERNALDATE")),
-        "received": _iso(data.get(b"INTERNALDATE")),
+        "date": iso(fields.get("date")) or iso(data.get(b"INTERNALDATE")),
+        "received": iso(data.get(b"INTERNALDATE")),
         "size": int(size) if isinstance(size, int) else None,
-        "flags": [_text(f) for f in flags] if isinstance(flags, (list, tuple)) else [],
+        "flags": [text(f) for f in flags] if isinstance(flags, (list, tuple)) else [],
         "attachments": attachments_of(data.get(b"BODYSTRUCTURE")),
     }

@@ -25,10 +25,10 @@ import aioimaplib
 from imapclient import imap_utf7
 
 from airflow_provider_o365mail import exceptions
+from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
 from airflow_provider_o365mail.exceptions import MailServerError, MailServerUnavailable
-from airflow_provider_o365mail.mail.credentials import ExpiringToken, TokenSource
-from airflow_provider_o365mail.mail.imap_errors import refusal_class
-from airflow_provider_o365mail.mail.proxied import ProxiedAioIMAP4
+from airflow_provider_o365mail.imap.errors import refusal_class
+from airflow_provider_o365mail.imap.proxied import ProxiedAioIMAP4
 from airflow_provider_o365mail.retry import Backoff
 from airflow_provider_o365mail.tls import HttpProxy
 

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from airflow_provider_o365mail.mail.credentials import ExpiringToken, TokenSource
-from airflow_provider_o365mail.mail.imap_idle import (
+from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
+from airflow_provider_o365mail.imap.idle import (
     MAX_IDLE_SECONDS,
     PERMANENT_ERRORS,
     RECONNECT,

@@ -26,15 +26,15 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path, PurePath
 from typing import Any
 
-from airflow_provider_o365mail.exceptions import MessageCompositionError
-from airflow_provider_o365mail.mail.addresses import (
+from airflow_provider_o365mail.core.addresses import (
     AddressInput,
     check_header_name,
     check_header_value,
     parse_address,
     parse_addresses,
 )
-from airflow_provider_o365mail.mail.message_ids import normalize_message_id
+from airflow_provider_o365mail.core.message_ids import normalize_message_id
+from airflow_provider_o365mail.exceptions import MessageCompositionError
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,7 +8,7 @@ Microsoft 365 allows 3 concurrent SMTP AUTH sessions per mailbox and 30 messages
 - retries 4xx replies, dropped connections and timeouts with bounded exponential backoff;
 - fails on 5xx with the server's own text;
 - reports refused recipients per address (temporary refusals are retried for those addresses only);
-- stops the batch on replies that block the whole mailbox (``mail/smtp_replies.py``);
+- stops the batch on replies that block the whole mailbox (``smtp/replies.py``);
 - never resends blindly after an ambiguous outcome: when the connection is lost or times out after
   the content's final dot, the server may have accepted the message, so it first looks the
   Message-ID up in the mailbox's Sent Items (``sent_lookup``, with a bounded wait for the copy) and
@@ -23,10 +23,10 @@ import re
 import smtplib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_o365mail import hints
+from airflow_provider_o365mail.core.sending import OnAccepted, OnSending, SendResult, SentLookup
 from airflow_provider_o365mail.exceptions import (
     DeliveryUnknownError,
     MailServerError,
@@ -35,12 +35,12 @@ from airflow_provider_o365mail.exceptions import (
     RecipientsRefusedError,
     SendingBlockedError,
 )
-from airflow_provider_o365mail.mail.smtp_replies import mailbox_block_hint
 from airflow_provider_o365mail.retry import Backoff
+from airflow_provider_o365mail.smtp.replies import mailbox_block_hint
 
 if TYPE_CHECKING:
-    from airflow_provider_o365mail.mail.compose import OutgoingMessage
-    from airflow_provider_o365mail.mail.credentials import ExpiringToken
+    from airflow_provider_o365mail.core.compose import OutgoingMessage
+    from airflow_provider_o365mail.core.credentials import ExpiringToken
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +51,9 @@ SEND_RETRY = Backoff(first=2.0, maximum=60.0, attempts=5, jitter=(0.75, 1.0))
 
 #: ``login(force_refresh)`` opens a logged-in session (STARTTLS, AUTH) and says which token it used.
 SmtpLogin = Callable[[bool], "tuple[smtplib.SMTP, ExpiringToken]"]
-#: ``sent_lookup(message_id)``: how many messages with this Message-ID are in the mailbox's Sent Items
-#: (a bool is fine where only one transaction per message can happen).
-SentLookup = Callable[[str], "int | bool"]
-#: ``on_accepted(message_id, recipients, complete)``: right after the server's 250 to the end of DATA;
-#: ``complete``: no recipient of the message is left deferred.
-OnAccepted = Callable[[str, "tuple[str, ...]", bool], None]
-#: ``on_sending(message_id)``: right before a transaction of the message starts.
-OnSending = Callable[[str], None]
 #: How long to wait for Exchange's Sent Items copy after an ambiguous outcome, and how often to look.
 SENT_ITEMS_WAIT_SECONDS = 30.0
 SENT_ITEMS_POLL_SECONDS = 3.0
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """What happened to one message: accepted and permanently refused recipients."""
-
-    message_id: str
-    accepted: tuple[str, ...]
-    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
-    #: True when an earlier try (send ledger) or the Sent Items check showed it was already accepted.
-    already_sent: bool = False
 
 
 class _Transient(Exception):

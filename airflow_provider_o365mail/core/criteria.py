@@ -1,10 +1,9 @@
-"""Readable mail criteria compiled into IMAP SEARCH keys (no I/O).
+"""Readable mail criteria, the same for every transport (no I/O).
 
-Every user value becomes exactly one SEARCH argument: IMAPClient quotes it (escaping ``"`` and
-``\\``) or, with non-ASCII characters, sends it as a literal under ``CHARSET UTF-8``. CR, LF and NUL
-cannot appear in an IMAP string and would end the command line, so values holding them are
-refused. No value can add keys to the search or commands to the session. What SEARCH cannot
-express on Exchange (attachments) is decided from BODYSTRUCTURE afterwards.
+Each transport compiles them into its own query (IMAP SEARCH: :mod:`..imap.search`) and decides the
+rest on the message summary: :meth:`MailCriteria.matches` evaluates every readable condition the way
+IMAP SEARCH does (case-insensitive substrings), and :meth:`MailCriteria.attachments_match` what no
+server query can express (attachment names).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any
 
 from airflow_provider_o365mail.exceptions import CriteriaError
 
-__all__ = ["POST_ACTIONS", "CriteriaError", "MailCriteria"]
+__all__ = ["POST_ACTIONS", "CriteriaError", "MailCriteria", "as_list"]
 
 POST_ACTIONS = (None, "seen", "flag", "move")
 
@@ -37,19 +36,7 @@ def _date(value: Any, name: str) -> dt.date | None:
     raise CriteriaError(f"{name} must be a date, a datetime or an ISO date string (YYYY-MM-DD), got {value!r}.")
 
 
-def _text_argument(value: Any, name: str) -> bytes:
-    text = str(value)
-    if not text:
-        raise CriteriaError(f"{name} must not be empty.")
-    if any(c in text for c in "\r\n\0"):
-        raise CriteriaError(
-            f"{name} contains a line break or NUL character ({text[:60]!r}); IMAP SEARCH values cannot hold them. "
-            "Search for a part of the value without line breaks."
-        )
-    return text.encode("utf-8")
-
-
-def _as_list(value: Any) -> list[str]:
+def as_list(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -117,38 +104,6 @@ class MailCriteria:
             "criteria": self.criteria if isinstance(self.criteria, (str, type(None))) else list(self.criteria),
         }
 
-    # ------------------------------------------------------------------ SEARCH
-    def search_keys(self) -> list[Any]:
-        """SEARCH keys for IMAPClient (``ALL`` when nothing narrows the search)."""
-        keys: list[Any] = []
-        keys += _any_of("FROM", _as_list(self.sender), "sender")
-        recipients = _as_list(self.recipient)
-        if recipients:
-            keys += _or_chain(
-                [
-                    [b"OR", b"TO", _text_argument(r, "recipient"), b"CC", _text_argument(r, "recipient")]
-                    for r in recipients
-                ]
-            )
-        if self.subject:
-            keys += [b"SUBJECT", _text_argument(self.subject, "subject")]
-        if self.since:
-            keys += [b"SINCE", self.since]
-        if self.before:
-            keys += [b"BEFORE", self.before]
-        if self.unseen:
-            keys.append(b"UNSEEN")
-        for name, value in self.header.items():
-            keys += [b"HEADER", _text_argument(name, "header name"), _text_argument(value, f"header {name}")]
-        for raw in _as_list(self.criteria):
-            keys += tokenize_raw_criteria(raw)
-        return keys or [b"ALL"]
-
-    def needs_utf8(self) -> bool:
-        values = [*_as_list(self.sender), *_as_list(self.recipient), self.subject or ""]
-        values += [f"{k}{v}" for k, v in self.header.items()]
-        return any(not value.isascii() for value in values)
-
     # ------------------------------------------------------------------ client side
     def matches(self, summary: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> bool:
         """Evaluate the criteria on a summary, with IMAP SEARCH's semantics (case-insensitive substrings).
@@ -159,10 +114,10 @@ class MailCriteria:
         """
         if self.criteria:
             raise CriteriaError("Raw IMAP criteria cannot be evaluated on a message stream; use the readable criteria.")
-        senders = _as_list(self.sender)
+        senders = as_list(self.sender)
         if senders and not any(_contains(summary.get("from"), s) for s in senders):
             return False
-        recipients = _as_list(self.recipient)
+        recipients = as_list(self.recipient)
         to_cc = " ".join([*(summary.get("to") or []), *(summary.get("cc") or [])])
         if recipients and not any(_contains(to_cc, r) for r in recipients):
             return False
@@ -205,74 +160,3 @@ def _summary_date(value: Any) -> dt.date | None:
         return dt.datetime.fromisoformat(str(value)).date()
     except ValueError:
         return None
-
-
-def tokenize_raw_criteria(raw: str) -> list[Any]:
-    """Split raw SEARCH text into the atoms, strings and groups IMAPClient re-serialises faithfully."""
-    tokens: list[Any] = []
-    stack: list[list[Any]] = [tokens]
-    i = 0
-    while i < len(raw):
-        char = raw[i]
-        if char.isspace():
-            i += 1
-        elif char == "(":
-            group: list[Any] = []
-            stack[-1].append(group)
-            stack.append(group)
-            i += 1
-        elif char == ")":
-            if len(stack) == 1:
-                raise CriteriaError(f"Unbalanced ')' in criteria {raw!r}.")
-            stack.pop()
-            i += 1
-        elif char == '"':
-            value, i = _quoted_string(raw, i)
-            stack[-1].append(_text_argument(value, "criteria string") if value else b'""')
-        else:
-            start = i
-            while i < len(raw) and not raw[i].isspace() and raw[i] not in '()"':
-                i += 1
-            stack[-1].append(raw[start:i].encode("utf-8"))
-    if len(stack) != 1:
-        raise CriteriaError(f"Unbalanced '(' in criteria {raw!r}.")
-    return tokens
-
-
-def _quoted_string(raw: str, start: int) -> tuple[str, int]:
-    out: list[str] = []
-    i = start + 1
-    while i < len(raw):
-        if raw[i] == "\\" and i + 1 < len(raw):
-            out.append(raw[i + 1])
-            i += 2
-        elif raw[i] == '"':
-            return "".join(out), i + 1
-        else:
-            out.append(raw[i])
-            i += 1
-    raise CriteriaError(f"Unterminated string in criteria {raw!r}.")
-
-
-def _any_of(key: str, values: list[str], name: str) -> list[Any]:
-    return _or_chain([[key.encode(), _text_argument(v, name)] for v in values])
-
-
-def _or_chain(alternatives: list[list[Any]]) -> list[Any]:
-    """``a``, ``OR a b``, ``OR a OR b c``...: IMAP's OR takes exactly two keys."""
-    if not alternatives:
-        return []
-    if len(alternatives) == 1:
-        return list(alternatives[0])
-    return [b"OR", *_grouped(alternatives[0]), *_or_chain_grouped(alternatives[1:])]
-
-
-def _or_chain_grouped(alternatives: list[list[Any]]) -> list[Any]:
-    if len(alternatives) == 1:
-        return _grouped(alternatives[0])
-    return [b"OR", *_grouped(alternatives[0]), *_or_chain_grouped(alternatives[1:])]
-
-
-def _grouped(keys: list[Any]) -> list[Any]:
-    """One search key made of several tokens, parenthesised as a nested list for IMAPClient."""
-    return [keys] if len(keys) > 1 else keys

@@ -9,41 +9,21 @@ handled, never here.
 from __future__ import annotations
 
 import asyncio
-import email
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from email import policy
 from typing import Any
 
-from airflow_provider_o365mail.mail.imap_idle import PERMANENT_ERRORS, RECONNECT, MailWaiter
-from airflow_provider_o365mail.mail.imap_scan import ClientFactory, ImapSession, scan_folder
-from airflow_provider_o365mail.mail.imap_summary import header_bytes
-from airflow_provider_o365mail.mail.watermark import FolderWatermark, seen_key
+from airflow_provider_o365mail.core.summary import headers_of
+from airflow_provider_o365mail.core.watermark import FolderWatermark, seen_key
+from airflow_provider_o365mail.imap.idle import PERMANENT_ERRORS, RECONNECT, MailWaiter
+from airflow_provider_o365mail.imap.scan import ClientFactory, ImapSession, scan_folder
+from airflow_provider_o365mail.imap.summary import header_bytes
 from airflow_provider_o365mail.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 #: A stream that cannot work until a person fixes something checks again after 1, 2, 4 ... 30 min.
 PARKED = Backoff(first=60.0, maximum=1800.0, jitter=(1.0, 1.0))
-
-
-def headers_of(raw_header: bytes | None) -> dict[str, str]:
-    """Lower-case header names to their (unfolded, decoded) values; repeated headers joined."""
-    if not raw_header:
-        return {}
-    try:
-        message = email.message_from_bytes(raw_header, policy=policy.default)
-    except Exception:
-        return {}
-    headers: dict[str, str] = {}
-    for name, value in message.raw_items():
-        try:
-            text = str(policy.default.header_fetch_parse(name, value))
-        except Exception:
-            text = str(value)
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return headers
 
 
 class FolderStream:

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_o365mail.core.criteria import POST_ACTIONS, MailCriteria
+from airflow_provider_o365mail.core.watermark import FolderWatermark, WatermarkStore, seen_key
 from airflow_provider_o365mail.exceptions import CriteriaError
-from airflow_provider_o365mail.mail.imap_criteria import POST_ACTIONS, MailCriteria
-from airflow_provider_o365mail.mail.imap_scan import ImapSession, scan_folder, select
-from airflow_provider_o365mail.mail.watermark import FolderWatermark, WatermarkStore, seen_key
+from airflow_provider_o365mail.imap.scan import ImapSession, scan_folder, select
+from airflow_provider_o365mail.imap.search import needs_utf8, search_keys
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,13 @@ def check(
     watermarks = watermarks or {}
     candidates: list[dict[str, Any]] = []
     scanned: dict[str, dict[str, int]] = {}
-    charset = "UTF-8" if spec.criteria.needs_utf8() else None
+    charset = "UTF-8" if needs_utf8(spec.criteria) else None
     for folder in spec.folders:
         scan = scan_folder(
             session,
             folder,
             watermarks.get(folder) if spec.new_only else None,
-            search_keys=spec.criteria.search_keys(),
+            search_keys=search_keys(spec.criteria),
             charset=charset,
         )
         for message in scan.messages:

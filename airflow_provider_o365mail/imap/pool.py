@@ -26,8 +26,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_o365mail.core.credentials import ExpiringToken
 from airflow_provider_o365mail.exceptions import MailServerUnavailable
-from airflow_provider_o365mail.mail.credentials import ExpiringToken
 
 log = logging.getLogger(__name__)
 
