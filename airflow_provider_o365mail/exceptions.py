@@ -31,15 +31,36 @@
           +-- InvalidRequestError           any other permanent identity-provider refusal
 
 Every message says what failed, why, and what to do; none carries a token or a secret.
+
+An error crosses the trigger boundary (triggerer -> worker) and the shared IDLE hub (one loop ->
+many waiters) as a structured payload: :meth:`O365MailError.to_payload` names its class and carries
+its message and its keyword fields (``payload_fields``, JSON values), and :func:`from_payload`
+builds the same error again, with the same class and fields.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from airflow_provider_o365mail.version_compat import AirflowException, AirflowFailException
+
+PAYLOAD_KIND = "o365mail-error/1"
 
 
 class O365MailError(AirflowException):
     """Base of every error this provider raises."""
+
+    #: keyword arguments of ``__init__`` that are also attributes: carried by :meth:`to_payload`
+    payload_fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_payload(self) -> dict[str, Any]:
+        """A JSON-friendly description of this error that :func:`from_payload` turns back into it."""
+        return {
+            "kind": PAYLOAD_KIND,
+            "class": type(self).__name__,
+            "message": str(self),
+            "fields": {name: _jsonable(getattr(self, name, None)) for name in self.payload_fields},
+        }
 
 
 class ConnectionConfigError(O365MailError, ValueError):
@@ -63,6 +84,8 @@ class ProxyRefused(O365MailError, AirflowFailException):
 
     Not a ``ValueError``: MSAL turns those into "no OpenID configuration" while discovering.
     """
+
+    payload_fields = ("proxy", "status")
 
     def __init__(self, message: str, *, proxy: str, status: int) -> None:
         super().__init__(message)
@@ -94,6 +117,8 @@ class TlsRequiredError(MailServerError):
 
 class AuthorizationError(O365MailError, AirflowFailException):
     """The identity provider refused permanently. Retrying will not help."""
+
+    payload_fields = ("conn_id", "error", "error_codes", "correlation_id")
 
     def __init__(
         self,
@@ -182,6 +207,62 @@ class RecipientsRefusedError(MailServerError, AirflowFailException):
     The task fails without retries: a retry would send the message to the accepted recipients again.
     """
 
+    payload_fields = ("refused",)
+
     def __init__(self, message: str, refused: dict[str, tuple[int, str]] | None = None) -> None:
         super().__init__(message)
-        self.refused = dict(refused or {})
+        self.refused = {address: tuple(reply) for address, reply in (refused or {}).items()}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _error_classes() -> dict[str, type[O365MailError]]:
+    found: dict[str, type[O365MailError]] = {}
+    pending: list[type[O365MailError]] = [O365MailError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def is_payload(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("kind") == PAYLOAD_KIND
+
+
+def from_payload(payload: dict[str, Any], *, default: type[O365MailError] | None = None) -> O365MailError:
+    """The error :meth:`O365MailError.to_payload` described: same class, message and fields.
+
+    A class this version does not know (a newer triggerer, an older worker) becomes ``default``
+    (:class:`MailServerError`) with the same message.
+    """
+    message = str(payload.get("message") or "The mail watch failed.")
+    cls = _error_classes().get(str(payload.get("class")))
+    fields = payload.get("fields") if isinstance(payload.get("fields"), dict) else {}
+    if cls is not None:
+        try:
+            return cls(message, **{k: v for k, v in fields.items() if k in cls.payload_fields})
+        except TypeError:  # fields from another version: the class and message still say what to do
+            err = cls.__new__(cls)
+            Exception.__init__(err, message)
+            for name, value in fields.items():
+                setattr(err, name, value)
+            return err
+    return (default or MailServerError)(message)
+
+
+def fresh_copy(err: BaseException) -> BaseException:
+    """A new instance of ``err`` (same class and fields) to raise in another task: one exception
+    object raised in many tasks would share (and grow) one traceback."""
+    if isinstance(err, O365MailError):
+        return from_payload(err.to_payload())
+    try:
+        return type(err)(*err.args)
+    except TypeError:
+        return MailServerError(f"{type(err).__name__}: {err}")

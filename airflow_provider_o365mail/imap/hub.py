@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
 from airflow_provider_o365mail.imap.idle import (
     MAX_IDLE_SECONDS,
@@ -125,8 +126,7 @@ class Subscription:
         state = self.state
         while True:
             if state.error is not None:
-                # A fresh instance per waiter: one exception object raised in many tasks shares a traceback.
-                raise type(state.error)(*state.error.args)
+                raise exceptions.fresh_copy(state.error)
             if state.generation > generation:
                 return state.reason
             if uidnext is not None and state.uidnext is not None and state.uidnext > uidnext:

@@ -34,15 +34,21 @@ log = logging.getLogger(__name__)
 
 
 def error_event(err: BaseException) -> TriggerEvent:
-    return TriggerEvent({"status": "error", "error_class": type(err).__name__, "message": str(err)})
+    """The trigger's error as a structured payload (class, message and fields: :mod:`..exceptions`)."""
+    if not isinstance(err, exceptions.O365MailError):
+        err = exceptions.MailServerError(f"{type(err).__name__}: {err}")
+    return TriggerEvent({"status": "error", "error": err.to_payload()})
 
 
 def raise_from_event(event: dict[str, Any]) -> None:
-    """Re-raise a trigger's error on the worker with its original class (so fail-fast stays fail-fast)."""
-    cls = getattr(exceptions, str(event.get("error_class")), None)
-    if not (isinstance(cls, type) and issubclass(cls, exceptions.O365MailError)):
-        cls = exceptions.MailServerError
-    raise cls(str(event.get("message") or "The IMAP trigger failed."))
+    """Raise a trigger's error on the worker with its class and fields (so fail-fast stays fail-fast)."""
+    payload = event.get("error")
+    if exceptions.is_payload(payload):
+        raise exceptions.from_payload(payload)
+    # An event from a triggerer running an older provider version: class name and message only.
+    raise exceptions.from_payload(
+        {"class": event.get("error_class"), "message": event.get("message") or "The IMAP trigger failed."}
+    )
 
 
 class O365ImapTrigger(BaseTrigger):

@@ -242,3 +242,47 @@ def test_doctor_names_a_refusing_proxy_as_the_broken_link(o365mail_conn, o365_sa
     (failed,) = [c for c in checks if c.status == "fail"]
     assert failed.link == "proxy" and "407" in failed.detail and f"127.0.0.1:{o365_sandbox.idp_port}" in failed.detail
     assert [c.status for c in checks[checks.index(failed) + 1 :]] == ["skip"] * 3
+
+
+def test_a_proxy_refusal_reaches_every_deferred_sensor_with_its_class(o365mail_conn, o365_sandbox, monkeypatch):
+    """Two deferred sensors share one IDLE loop; when the proxy starts refusing, both fail fast with
+    ``ProxyRefused`` (status and proxy kept) after the event crossed to the worker as JSON. Before: the
+    hub rebuilt the error as ``ProxyRefused(*args)`` (a TypeError, retried forever) and the worker
+    rebuilt it by class name without its fields (a TypeError too)."""
+    from airflow_provider_o365mail.triggers.imap import O365ImapTrigger
+
+    where = targets(o365_sandbox)
+    with ConnectProxy() as proxy:
+        set_conn(monkeypatch, o365mail_conn, proxy=proxy.url)
+        sensors = [
+            O365ImapSensor(task_id=f"refused_{i}", conn_id=o365mail_conn, subject=unique("never sent"), deferrable=True)
+            for i in range(2)
+        ]
+        triggers = [
+            O365ImapTrigger(conn_id=o365mail_conn, spec=s.watch_spec().to_dict(), poll_interval=5, max_idle=4)
+            for s in sensors
+        ]
+
+        async def first_event(trigger):
+            async for event in trigger.run():
+                return event.payload
+            raise AssertionError("the trigger ended without an event")
+
+        async def scenario():
+            runs = [asyncio.ensure_future(first_event(t)) for t in triggers]
+            deadline = time.monotonic() + 60
+            while proxy.count(where["imap"]) < 2:  # a pooled check session and the shared IDLE are up
+                assert time.monotonic() < deadline, proxy.targets()
+                await asyncio.sleep(0.2)
+            proxy.refuse[where["imap"]] = 403  # the IDLE renewal (max_idle=4 s) now gets a 403
+            return await asyncio.wait_for(asyncio.gather(*runs), 90)
+
+        events = asyncio.run(scenario())
+    assert proxy.count(where["imap"], status=403) >= 1
+    for sensor, event in zip(sensors, events, strict=True):
+        over_the_wire = json.loads(json.dumps(event))  # what the triggerer stores and the worker reads
+        assert over_the_wire["status"] == "error", over_the_wire
+        with pytest.raises(ProxyRefused) as caught:
+            sensor.execute_complete({}, over_the_wire)
+        assert caught.value.status == 403 and caught.value.proxy == f"http://127.0.0.1:{proxy.port}"
+        assert "403" in str(caught.value)
