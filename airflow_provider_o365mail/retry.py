@@ -16,7 +16,9 @@ class Backoff:
     """Wait ``first * 2**(failures-1)`` seconds, capped at ``maximum``, times a random factor in ``jitter``.
 
     :param first: the wait after the first failure, before jitter.
-    :param maximum: no wait is longer than this (a server's ``Retry-After`` is capped too).
+    :param maximum: no computed wait is longer than this.
+    :param max_retry_after: a server's ``Retry-After`` is honoured up to this (default ``maximum``): the one
+        place that caps it, for every transport.
     :param attempts: how many tries in all before giving up (``None``: the caller never gives up).
     :param jitter: the wait is multiplied by a uniform random factor in this range, so that many
         clients that failed together do not come back together.
@@ -26,9 +28,10 @@ class Backoff:
     maximum: float = 60.0
     attempts: int | None = None
     jitter: tuple[float, float] = (0.5, 1.0)
+    max_retry_after: float | None = None
 
     def __post_init__(self) -> None:
-        if self.first < 0 or self.maximum < 0:
+        if self.first < 0 or self.maximum < 0 or (self.max_retry_after is not None and self.max_retry_after < 0):
             raise ValueError("backoff waits must be >= 0")
         if self.attempts is not None and self.attempts < 1:
             raise ValueError("attempts must be >= 1")
@@ -40,10 +43,10 @@ class Backoff:
         """Seconds to wait after the ``failures``-th consecutive failure (1-based).
 
         A server's ``retry_after`` is honoured as it is (no jitter: the server chose the moment),
-        up to ``maximum``.
+        up to ``max_retry_after`` (or ``maximum``).
         """
         if retry_after is not None and retry_after >= 0:
-            return min(self.maximum, retry_after)
+            return min(self.maximum if self.max_retry_after is None else self.max_retry_after, retry_after)
         base = min(self.maximum, self.first * 2 ** max(0, failures - 1))
         return base * random.uniform(*self.jitter)  # noqa: S311 - jitter, not cryptography
 

@@ -57,10 +57,8 @@ log = logging.getLogger(__name__)
 
 #: A cached access token with less left than this is refreshed (MSAL uses the same 5 minutes).
 REFRESH_MARGIN = 300
-#: Token requests: 4 attempts, waits of about 1, 2, 4 s (at most 30 s).
-TOKEN_BACKOFF = Backoff(first=1.0, maximum=30.0, attempts=4, jitter=(0.75, 1.25))
-#: A server's ``Retry-After`` is honoured up to this many seconds.
-MAX_RETRY_AFTER = 60.0
+#: Token requests: 4 attempts, waits of about 1, 2, 4 s (at most 30 s); a ``Retry-After`` up to 60 s.
+TOKEN_BACKOFF = Backoff(first=1.0, maximum=30.0, attempts=4, jitter=(0.75, 1.25), max_retry_after=60.0)
 MAX_ATTEMPTS = TOKEN_BACKOFF.attempts
 TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
@@ -359,10 +357,7 @@ class TokenManager:
                     reason += f" ({transient}: temporary, the grant is not revoked)"
             if TOKEN_BACKOFF.gives_up_after(attempt):
                 break
-            if record.retry_after is not None:
-                delay = min(record.retry_after, MAX_RETRY_AFTER)
-            else:
-                delay = TOKEN_BACKOFF.delay(attempt)
+            delay = TOKEN_BACKOFF.delay(attempt, record.retry_after)
             log.warning(
                 "Token request for %s failed (%s), attempt %d/%d; retrying in %.1f s.",
                 conn_id,

@@ -1,10 +1,11 @@
-"""A per-process budget of concurrent sessions per mailbox (SMTP: Exchange allows 3 per mailbox).
+"""The one connection-budget type: at most N concurrent connections of a kind to a mailbox, per process.
 
-Exchange Online answers a fourth concurrent SMTP AUTH session of a mailbox with ``432 4.3.2
-Concurrent connections limit exceeded.``; the sender retries that, but tasks of one process that
-each open a session would mostly be retrying each other. A budget makes them queue instead: a
-session holds a slot from its login until it is closed. Across processes use an Airflow pool
-(docs/sending.md); the 432 retry stays for what no budget sees (other clients of the mailbox).
+Exchange Online caps connections per mailbox (about 20 IMAP, 3 SMTP AUTH sessions; it answers the
+next SMTP session with ``432 4.3.2 Concurrent connections limit exceeded.``). Tasks or triggers of
+one process that each open a connection would mostly be retrying each other; a budget makes them
+queue instead: a connection holds a slot from its login until it is closed. The SMTP sender and the
+IMAP pool (``imap.pool``) both hold their connections in one. Across processes use an Airflow pool
+(docs/sending.md); the servers' own refusals stay retried for what no budget sees.
 """
 
 from __future__ import annotations
@@ -19,15 +20,29 @@ from airflow_provider_o365mail.exceptions import MailServerUnavailable
 ACQUIRE_TIMEOUT_SECONDS = 300.0
 
 
-class SessionBudget:
-    """At most ``limit`` sessions at once (thread-safe); :meth:`slot` holds one."""
+class ConnectionBudget:
+    """At most ``limit`` connections at once (thread-safe); :meth:`slot` holds one.
 
-    def __init__(self, limit: int, *, what: str, option: str, acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS) -> None:
+    :param what: the connections, as a user reads them (``"SMTP sessions of conn/mailbox"``).
+    :param option: the ``[o365mail]`` option that sets ``limit``.
+    :param advice: what to do when a slot stays busy (names ``option``); a default one otherwise.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        what: str,
+        option: str,
+        advice: str = "",
+        acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
+    ) -> None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, not {limit}")
         self.limit = limit
         self.what = what
         self.option = option
+        self.advice = advice or f"Run fewer at once, or raise [o365mail] {option} if the mailbox allows more."
         self.acquire_timeout = acquire_timeout
         self._slots = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
@@ -39,7 +54,7 @@ class SessionBudget:
         if not self._slots.acquire(timeout=self.acquire_timeout):
             raise MailServerUnavailable(
                 f"All {self.limit} {self.what} of this process were busy for {self.acquire_timeout:.0f} s; this is "
-                f"retried. Send fewer batches at once, or raise [o365mail] {self.option} if the mailbox allows more."
+                f"retried. {self.advice}"
             )
         with self._lock:
             self.in_use += 1
@@ -52,16 +67,16 @@ class SessionBudget:
             self._slots.release()
 
 
-_BUDGETS: dict[Hashable, SessionBudget] = {}
+_BUDGETS: dict[Hashable, ConnectionBudget] = {}
 _LOCK = threading.Lock()
 
 
-def session_budget(key: Hashable, limit: int, *, what: str, option: str) -> SessionBudget:
+def connection_budget(key: Hashable, limit: int, *, what: str, option: str, advice: str = "") -> ConnectionBudget:
     """The process-wide budget of ``key`` (kind, connection, mailbox); a changed ``limit`` starts a new one."""
     with _LOCK:
         budget = _BUDGETS.get(key)
         if budget is None or budget.limit != limit:
-            budget = _BUDGETS[key] = SessionBudget(limit, what=what, option=option)
+            budget = _BUDGETS[key] = ConnectionBudget(limit, what=what, option=option, advice=advice)
         return budget
 
 

@@ -1,13 +1,21 @@
-"""What the mail layer needs from the token layer: a token source, nothing more (no I/O here).
+"""What the transports need from the token layer: a token source, and the one login-with-refresh rule.
 
-``mail/`` never imports ``auth/`` or the hook: it is handed a callable that returns an access token
-with its expiry, and a login or client factory built on it. Tests pass fakes with an injected clock.
+``smtp/`` and ``imap/`` never import ``auth/`` or the hook: they are handed a callable that returns
+an access token with its expiry, and a login or client factory built on it. Tests pass fakes with an
+injected clock.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from airflow_provider_o365mail.exceptions import MailAuthenticationError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ExpiringToken(Protocol):
@@ -22,3 +30,19 @@ class ExpiringToken(Protocol):
 
 #: Returns a valid access token; blocking (call it in a thread from async code).
 TokenSource = Callable[[], ExpiringToken]
+
+
+def login_with_fresh_token(login: Callable[[bool], T], *, what: str, user: str, force_refresh: bool = False) -> T:
+    """``login(force_refresh)``; when the server refuses the token, once more with a refreshed one.
+
+    A token can be refused before its expiry (revoked sessions, a changed password, a token minted
+    for a mailbox that lost its license meanwhile): one refresh tells a stale token from a refusal
+    that a person must fix, which the second :class:`MailAuthenticationError` then says.
+    """
+    try:
+        return login(force_refresh)
+    except MailAuthenticationError:
+        if force_refresh:
+            raise
+        log.info("%s refused the access token for %s; retrying once with a refreshed token.", what, user)
+        return login(True)

@@ -28,8 +28,9 @@ from airflow_provider_o365mail.connection import (
     settings_from_connection,
 )
 from airflow_provider_o365mail.core.batch import send_batch
-from airflow_provider_o365mail.core.budget import SessionBudget, session_budget
+from airflow_provider_o365mail.core.budget import ConnectionBudget, connection_budget
 from airflow_provider_o365mail.core.compose import OutgoingMessage, PlannedMessage, compose_message, plan_message
+from airflow_provider_o365mail.core.credentials import login_with_fresh_token
 from airflow_provider_o365mail.core.gate import check_gate
 from airflow_provider_o365mail.core.message_ids import TaskIdentity, stable_message_id
 from airflow_provider_o365mail.core.recipient_budget import (
@@ -50,10 +51,11 @@ from airflow_provider_o365mail.exceptions import (
 )
 from airflow_provider_o365mail.hooks import connection_form
 from airflow_provider_o365mail.imap import watch as imap_watch
+from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
 from airflow_provider_o365mail.imap.hub import FolderWatch, idle_hub
 from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, ImapEndpoint, MailWaiter
-from airflow_provider_o365mail.imap.pool import DEFAULT_MAX_CONNECTIONS, ImapPool, imap_pool
+from airflow_provider_o365mail.imap.pool import DEFAULT_MAX_CONNECTIONS, ImapPool, close_client, imap_pool
 from airflow_provider_o365mail.imap.proxied import ProxiedIMAPClient
 from airflow_provider_o365mail.imap.scan import ImapSession
 from airflow_provider_o365mail.imap.stream import FolderStream
@@ -203,11 +205,7 @@ class O365MailHook(BaseHook):
         A refused token is retried once with a refreshed one (it may have been revoked before its expiry).
         """
         user = mailbox or self.settings.mailbox
-        try:
-            return self._imap_login(user, force_refresh=False)
-        except MailAuthenticationError:
-            self.log.info("IMAP refused the access token for %s; retrying once with a refreshed token.", user)
-            return self._imap_login(user, force_refresh=True)
+        return login_with_fresh_token(lambda force: self._imap_login(user, force), what="IMAP", user=user)
 
     @contextlib.contextmanager
     def imap_client(self, mailbox: str | None = None) -> Iterator[Any]:
@@ -219,11 +217,7 @@ class O365MailHook(BaseHook):
         try:
             yield client
         finally:
-            try:
-                client.logout()
-            except Exception:
-                with contextlib.suppress(Exception):
-                    client.shutdown()
+            close_client(client)
 
     # ------------------------------------------------------------------ shared IMAP connections
     def _mailbox_key(self, mailbox: str | None) -> tuple[str, str, str]:
@@ -305,6 +299,16 @@ class O365MailHook(BaseHook):
             self.pooled_imap_client(mailbox) as client,
         ):
             imap_watch.apply_post_action(client, spec, result)
+
+    @contextlib.contextmanager
+    def attachment_reader(self, mailbox: str | None = None) -> Iterator[ImapAttachmentReader]:
+        """Reads the attachments of sensed messages over one IMAP session of its own (logged out on exit);
+        every IMAP call is mapped to a provider error, what the caller does with the bytes is not."""
+        client, _ = self.imap_login(mailbox)
+        try:
+            yield ImapAttachmentReader(client, errors=lambda: self._imap_errors("downloading attachments"))
+        finally:
+            close_client(client)
 
     @contextlib.contextmanager
     def _imap_errors(self, doing: str) -> Iterator[None]:
@@ -418,11 +422,9 @@ class O365MailHook(BaseHook):
         ``force_refresh`` replaces the current token first (a long session whose token nears expiry).
         """
         user = mailbox or self.settings.mailbox
-        try:
-            return self._smtp_login(user, force_refresh=force_refresh)
-        except MailAuthenticationError:
-            self.log.info("SMTP refused the access token for %s; retrying once with a refreshed token.", user)
-            return self._smtp_login(user, force_refresh=True)
+        return login_with_fresh_token(
+            lambda force: self._smtp_login(user, force), what="SMTP", user=user, force_refresh=force_refresh
+        )
 
     @contextlib.contextmanager
     def smtp_client(self, mailbox: str | None = None) -> Iterator[smtplib.SMTP]:
@@ -501,13 +503,14 @@ class O365MailHook(BaseHook):
             **options,
         )
 
-    def smtp_budget(self, mailbox: str | None = None) -> SessionBudget:
+    def smtp_budget(self, mailbox: str | None = None) -> ConnectionBudget:
         """This process's budget of concurrent SMTP sessions of the mailbox ([o365mail] max_smtp_sessions_per_mailbox)."""
-        return session_budget(
+        return connection_budget(
             ("smtp", *self._mailbox_key(mailbox)),
             configured_budget(SMTP_BUDGET_OPTION, DEFAULT_SMTP_SESSIONS),
             what=f"SMTP sessions of {self.conn_id}/{mailbox or 'default mailbox'}",
             option=SMTP_BUDGET_OPTION,
+            advice=f"Send fewer batches at once, or raise [o365mail] {SMTP_BUDGET_OPTION} if the mailbox allows more.",
         )
 
     def recipient_budget(self, store: VariableBackend | None = None) -> RecipientBudget | None:

@@ -2,8 +2,8 @@
 
 Exchange Online allows about 20 concurrent IMAP connections per mailbox; logging in for every
 check also costs a TLS handshake and an AUTHENTICATE. A pool hands out at most ``max_connections``
-sessions at once (a thread-safe semaphore: idle + leased never exceeds it, as a new connection is
-opened only when no idle one is left), keeps returned ones for ``idle_ttl`` seconds, and
+sessions at once (its :class:`..core.budget.ConnectionBudget`: idle + leased never exceeds it, as a
+new connection is opened only when no idle one is left), keeps returned ones for ``idle_ttl`` seconds, and
 
 - logs in again when a session's token has less than ``token_margin`` seconds left (Exchange ends
   such sessions with ``BYE ... AccessTokenExpired``),
@@ -11,7 +11,7 @@ opened only when no idle one is left), keeps returned ones for ``idle_ttl`` seco
   middlebox may have closed it meanwhile), and
 - drops a session whose lease ended in an error (its state is unknown).
 
-``login`` comes with each lease (``mail/`` never sees the hook): it returns a logged-in client and
+``login`` comes with each lease (``imap/`` never sees the hook): it returns a logged-in client and
 the token it used (an object with ``expires_on``).
 """
 
@@ -26,8 +26,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_o365mail.core.budget import ConnectionBudget
 from airflow_provider_o365mail.core.credentials import ExpiringToken
-from airflow_provider_o365mail.exceptions import MailServerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,27 @@ class ImapPool:
         self.acquire_timeout = acquire_timeout
         self._clock = clock
         self._close = close
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.budget = ConnectionBudget(
+            max_connections,
+            what=f"IMAP connections of {name or 'the mailbox'}",
+            option="max_imap_connections_per_mailbox",
+            advice="Raise [o365mail] max_imap_connections_per_mailbox if the mailbox has connections to spare "
+            "(Exchange allows about 20).",
+            acquire_timeout=acquire_timeout,
+        )
         self._lock = threading.Lock()
         self._idle: list[_Pooled] = []
         self._reaper: threading.Timer | None = None
-        # Counters (tests and the benchmark): sessions opened, leased now, most leased at once.
+        #: sessions opened (tests and the benchmark); leased now and most leased at once are the budget's
         self.opened = 0
-        self.leased = 0
-        self.max_leased = 0
+
+    @property
+    def leased(self) -> int:
+        return self.budget.in_use
+
+    @property
+    def max_leased(self) -> int:
+        return self.budget.max_in_use
 
     @property
     def open_connections(self) -> int:
@@ -103,16 +116,7 @@ class ImapPool:
     @contextlib.contextmanager
     def lease(self, login: PoolLogin) -> Iterator[Any]:
         """A logged-in client for the duration of the ``with``; returned on success, dropped after an error."""
-        if not self._slots.acquire(timeout=self.acquire_timeout):
-            raise MailServerUnavailable(
-                f"All {self.max_connections} IMAP connections of {self.name or 'the mailbox'} in this process were "
-                f"busy for {self.acquire_timeout:.0f} s; this is retried. Raise [o365mail] "
-                "max_imap_connections_per_mailbox if the mailbox has connections to spare (Exchange allows about 20)."
-            )
-        try:
-            with self._lock:
-                self.leased += 1
-                self.max_leased = max(self.max_leased, self.leased)
+        with self.budget.slot():
             pooled = self._checkout(login)
             try:
                 yield pooled.client
@@ -122,11 +126,7 @@ class ImapPool:
             pooled.returned_at = self._clock()
             with self._lock:
                 self._idle.append(pooled)
-            self._schedule_reaper()
-        finally:
-            with self._lock:
-                self.leased -= 1
-            self._slots.release()
+        self._schedule_reaper()
 
     def _checkout(self, login: PoolLogin) -> _Pooled:
         while True:

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
-from airflow_provider_o365mail.core.attachments import StreamDecoder, safe_file_name, unique_name
-from airflow_provider_o365mail.exceptions import MailServerError, MessageCompositionError
+from airflow_provider_o365mail.core.attachments import safe_file_name, unique_name
+from airflow_provider_o365mail.exceptions import MessageCompositionError
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-CHUNK_BYTES = 1024 * 1024
 
 
 def _as_messages(value: Any) -> list[Mapping[str, Any]]:
@@ -40,8 +38,8 @@ def _as_messages(value: Any) -> list[Mapping[str, Any]]:
 class O365ImapAttachmentOperator(BaseOperator):
     """Save attachments of the given messages (the sensor's XCom) into a directory.
 
-    Parts are fetched in 1 MiB slices (``BODY.PEEK[section]<offset.length>``) and decoded on the
-    fly, so a 100 MB attachment never sits in memory. Names from the sender are reduced to a safe
+    Parts are fetched in 1 MiB slices and decoded on the fly (``imap.attachments``), so a 100 MB
+    attachment never sits in memory. Names from the sender are reduced to a safe
     base name (no ``..``, no path separators, no control characters); clashes get `` (1)``.
 
     :param messages: the sensor's summaries, e.g. ``messages=wait_for_invoice.output``. (templated)
@@ -98,75 +96,34 @@ class O365ImapAttachmentOperator(BaseOperator):
         written: list[str] = []
         pattern = (self.attachment_name or "*").lower()
         hook = O365MailHook(self.conn_id)
-        with hook.imap_client(self.mailbox) as client:
-            for folder, group in _by_folder(messages):
-                selected = client.select_folder(folder, readonly=True)
-                uidvalidity = int(selected[b"UIDVALIDITY"])
-                for message in group:
-                    uid = _current_uid(client, message, uidvalidity)
-                    for attachment in message.get("attachments") or []:
-                        if attachment.get("inline") and not self.include_inline:
-                            continue
-                        if not fnmatch.fnmatchcase(str(attachment.get("name") or "").lower(), pattern):
-                            continue
-                        name = safe_file_name(attachment.get("name"))
-                        if not self.overwrite:
-                            name = unique_name(name, taken)
-                        taken.add(name)
-                        destination = target / name
-                        size = self._download(client, uid, attachment, destination)
-                        self.log.info("Saved %s (%d bytes) from %s/%s.", destination, size, folder, uid)
-                        written.append(str(destination))
+        with hook.attachment_reader(self.mailbox) as reader:
+            for message in _by_folder(messages):
+                for attachment in message.get("attachments") or []:
+                    if attachment.get("inline") and not self.include_inline:
+                        continue
+                    if not fnmatch.fnmatchcase(str(attachment.get("name") or "").lower(), pattern):
+                        continue
+                    name = safe_file_name(attachment.get("name"))
+                    if not self.overwrite:
+                        name = unique_name(name, taken)
+                    taken.add(name)
+                    destination = target / name
+                    size = 0
+                    with destination.open("wb") as out:
+                        for data in reader.chunks(message, attachment):
+                            out.write(data)
+                            size += len(data)
+                    self.log.info(
+                        "Saved %s (%d bytes) from %s/%s.", destination, size, message.get("folder"), message.get("uid")
+                    )
+                    written.append(str(destination))
         return written
 
-    def _download(self, client: Any, uid: int, attachment: Mapping[str, Any], destination: Any) -> int:
-        section = str(attachment["section"])
-        decoder = StreamDecoder(attachment.get("encoding"))
-        total = 0
-        with destination.open("wb") as out:
-            for chunk in _fetch_slices(client, uid, section):
-                data = decoder.feed(chunk)
-                out.write(data)
-                total += len(data)
-            data = decoder.finish()
-            out.write(data)
-            total += len(data)
-        return total
 
-
-def _by_folder(messages: list[Mapping[str, Any]]) -> Iterator[tuple[str, list[Mapping[str, Any]]]]:
+def _by_folder(messages: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """The messages grouped by folder (each folder is selected once), in their order otherwise."""
     folders: dict[str, list[Mapping[str, Any]]] = {}
     for message in messages:
         folders.setdefault(str(message.get("folder") or "INBOX"), []).append(message)
-    yield from folders.items()
-
-
-def _current_uid(client: Any, message: Mapping[str, Any], uidvalidity: int) -> int:
-    """The message's UID now: its own if the folder is unchanged, else found again by Message-ID."""
-    if int(message.get("uidvalidity") or 0) == uidvalidity:
-        return int(message["uid"])
-    message_id = message.get("message_id")
-    found = client.search([b"HEADER", b"Message-ID", str(message_id).encode()]) if message_id else []
-    if not found:
-        raise MailServerError(
-            f"Message {message_id or message.get('uid')} is no longer in {message.get('folder')} (the folder's "
-            "UIDVALIDITY changed and no message with its Message-ID was found)."
-        )
-    return int(found[-1])
-
-
-def _fetch_slices(client: Any, uid: int, section: str) -> Iterator[bytes]:
-    offset = 0
-    while True:
-        item = f"BODY.PEEK[{section}]<{offset}.{CHUNK_BYTES}>"
-        response = client.fetch([uid], [item]).get(uid)
-        if response is None:
-            raise MailServerError(f"Message UID {uid} disappeared while its attachment was downloaded.")
-        key = next((k for k in response if k.startswith(f"BODY[{section}]".encode())), None)
-        chunk = response.get(key) if key else None
-        if not chunk:
-            return
-        yield chunk
-        if len(chunk) < CHUNK_BYTES:
-            return
-        offset += len(chunk)
+    for group in folders.values():
+        yield from group

@@ -91,7 +91,7 @@ class SmtpBatchSender:
     :param reauth_margin: log in again when the session's token has less than this many seconds left.
     :param clock: POSIX time (compared with the token's ``expires_on``); ``sleep`` waits.
     :param session_slot: held from each login until that session is closed (a per-mailbox budget,
-        :mod:`.session_budget`); ``None``: no budget.
+        :mod:`..core.budget`); ``None``: no budget.
     """
 
     def __init__(

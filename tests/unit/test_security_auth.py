@@ -322,7 +322,8 @@ def test_token_retries_use_the_shared_backoff():
 
     assert isinstance(tokens.TOKEN_BACKOFF, Backoff)
     assert (tokens.TOKEN_BACKOFF.attempts, tokens.TOKEN_BACKOFF.first, tokens.TOKEN_BACKOFF.maximum) == (4, 1.0, 30.0)
-    assert tokens.MAX_RETRY_AFTER == 60.0
+    assert tokens.TOKEN_BACKOFF.delay(1, retry_after=45) == 45  # a server's Retry-After, as it is
+    assert tokens.TOKEN_BACKOFF.delay(1, retry_after=600) == 60.0  # capped in one place
     assert "random" not in (PACKAGE / "auth" / "tokens.py").read_text()
 
 

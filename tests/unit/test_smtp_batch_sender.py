@@ -146,9 +146,9 @@ def test_senders_of_one_process_never_hold_more_sessions_than_the_budget(clock):
     import threading
     import time as real_time
 
-    from airflow_provider_o365mail.core.budget import SessionBudget
+    from airflow_provider_o365mail.core.budget import ConnectionBudget
 
-    budget = SessionBudget(3, what="SMTP sessions of conn/me", option="max_smtp_sessions_per_mailbox")
+    budget = ConnectionBudget(3, what="SMTP sessions of conn/me", option="max_smtp_sessions_per_mailbox")
     script = SmtpScript(offer_starttls=False)
     with FakeSmtpServer(script) as server:
 
@@ -170,9 +170,9 @@ def test_senders_of_one_process_never_hold_more_sessions_than_the_budget(clock):
 
 
 def test_a_432_at_login_is_retried_and_the_session_holds_one_slot(clock):
-    from airflow_provider_o365mail.core.budget import SessionBudget
+    from airflow_provider_o365mail.core.budget import ConnectionBudget
 
-    budget = SessionBudget(1, what="SMTP sessions", option="max_smtp_sessions_per_mailbox")
+    budget = ConnectionBudget(1, what="SMTP sessions", option="max_smtp_sessions_per_mailbox")
     script = SmtpScript(
         offer_starttls=False, connect_replies=deque(["432 4.3.2 Concurrent connections limit exceeded"] * 2)
     )
@@ -184,10 +184,10 @@ def test_a_432_at_login_is_retried_and_the_session_holds_one_slot(clock):
 
 
 def test_a_budget_that_stays_busy_says_which_option_to_change():
-    from airflow_provider_o365mail.core.budget import SessionBudget
+    from airflow_provider_o365mail.core.budget import ConnectionBudget
     from airflow_provider_o365mail.exceptions import MailServerUnavailable
 
-    budget = SessionBudget(1, what="SMTP sessions", option="max_smtp_sessions_per_mailbox", acquire_timeout=0.05)
+    budget = ConnectionBudget(1, what="SMTP sessions", option="max_smtp_sessions_per_mailbox", acquire_timeout=0.05)
     fix = r"\[o365mail\] max_smtp_sessions_per_mailbox"
     with budget.slot(), pytest.raises(MailServerUnavailable, match=fix), budget.slot():
         pass
