@@ -32,7 +32,7 @@ WHEEL_DATA = [
     f"{PACKAGE}/testing/pytest_plugin.py",
     f"{PACKAGE}/testing/entra/app.py",
 ]
-SDIST_DIRS = ["docs", "tests", "example_dags", "bench", "scripts"]
+SDIST_DIRS = ["docs", "tests", "example_dags", "bench", "scripts", "constraints"]
 SDIST_FILES = ["LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "MANIFEST.in", "mkdocs.yml"]
 #: Local files that must never ship (sandbox credentials, venvs, demo state).
 NEVER = (".sandbox.env", ".venv/", ".airflow-demo/", "__pycache__/", ".pyc", ".git/", "/site/")

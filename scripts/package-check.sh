@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${1:-$REPO/.venv/bin/python}
+# The smoke test installs the wheel as the docs tell users to: with the newest Airflow's constraints file.
+CONSTRAINTS=$REPO/constraints/airflow-3.3.txt
+[ -f "$CONSTRAINTS" ] || { echo "package: $CONSTRAINTS is missing (bash scripts/update-constraints.sh 3.3 makes it)" >&2; exit 1; }
 WORK=$(mktemp -d /tmp/o365mail-package-check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 . scripts/build-lib.sh
@@ -19,12 +22,13 @@ echo "package: build (sdist, then wheel from the sdist): $(elapsed "$t")"
 "$PY" -m twine check --strict "$WORK"/dist/*
 "$PY" scripts/check_dist.py "$WORK/dist" "$WORK/src"
 
-# Fresh virtualenv with the wheel and its dependencies (pip's cache makes this fast after the first run).
+# Fresh virtualenv with the wheel and its dependencies, under $CONSTRAINTS (pip's cache makes this fast
+# after the first run).
 t=$(now)
 "$("$PY" -c 'import sys; print(sys._base_executable)')" -m venv "$WORK/venv"
 # pytest too: the smoke test loads the pytest11 plugin through its entry point. --no-compile: the
 # smoke test imports a fraction of the ~130 distributions; byte-compiling all of them is most of the CPU.
-"$WORK/venv/bin/python" -m pip install -q --no-compile "$WORK"/dist/*.whl pytest > "$WORK/pip.log" 2>&1 \
+"$WORK/venv/bin/python" -m pip install -q --no-compile "$WORK"/dist/*.whl pytest -c "$CONSTRAINTS" > "$WORK/pip.log" 2>&1 \
   || { cat "$WORK/pip.log"; exit 1; }
 echo "package: fresh venv + wheel install with dependencies: $(elapsed "$t") ($(du -sm "$WORK/venv" | cut -f1) MB)"
 

@@ -137,3 +137,95 @@ def test_changelog_has_the_released_version_and_unreleased():
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert "## [Unreleased]" in changelog
     assert f"## [{__version__}]" in changelog
+
+
+# ---------------------------------------------------------------- constraints files (scripts/update-constraints.sh)
+CONSTRAINTS = ROOT / "constraints"
+SUPPORTED_MINORS = ["3.1", "3.2", "3.3"]  # docs/compatibility.md; the newest is the dev venv's
+#: Extras each file was made with: the newest minor's is the dev venv's, the others the compatibility job's.
+CONSTRAINT_EXTRAS = {"3.1": ["test"], "3.2": ["test"], "3.3": ["dev", "test", "bench", "docs"]}
+RAW_URL = "https://raw.githubusercontent.com/o365mail/airflow-provider-o365mail/main/"
+
+
+def constraint_pins(minor: str) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in (CONSTRAINTS / f"airflow-{minor}.txt").read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and " " not in line and "@" not in line, f"airflow-{minor}.txt: not a name==version pin: {line!r}"
+        pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_one_constraints_file_per_supported_airflow():
+    assert sorted(p.name for p in CONSTRAINTS.iterdir()) == [f"airflow-{m}.txt" for m in SUPPORTED_MINORS]
+
+
+@pytest.mark.parametrize("minor", SUPPORTED_MINORS)
+def test_constraints_pin_their_airflow_and_every_dependency(minor):
+    """A fresh install under the file takes no version of the index's choosing for anything the
+    provider or its tools need, and every pin satisfies pyproject.toml's requirement."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = constraint_pins(minor)
+    assert Version(pins["apache-airflow"]).release[:2] == tuple(int(n) for n in minor.split("."))
+    assert "airflow-provider-o365mail" not in pins, "the provider itself must stay installable at any version"
+    header = (CONSTRAINTS / f"airflow-{minor}.txt").read_text().splitlines()[:8]
+    assert header[0].endswith(f"(apache-airflow=={pins['apache-airflow']}), Python 3.11."), header[0]
+    assert any(f"bash scripts/update-constraints.sh {minor}" in line for line in header), "says how to remake it"
+    project = pyproject()["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for e in CONSTRAINT_EXTRAS[minor] for r in project["optional-dependencies"][e]]
+    for req in requirements:
+        name = canonicalize_name(req.name)
+        if name == "airflow-provider-o365mail":  # [dev]'s reference to the other extras
+            continue
+        assert name in pins, f"airflow-{minor}.txt does not pin {req.name}: a fresh install takes the newest"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} breaks {req}"
+
+
+def test_installers_use_the_constraints_files():
+    """bootstrap.sh (the dev venv, main-job.sh, test.sh) and package-check.sh install under the newest
+    minor's file, compat-test.sh under the oldest's; each stops when its file is missing."""
+    import re
+
+    newest, oldest = SUPPORTED_MINORS[-1], SUPPORTED_MINORS[0]
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert re.search(rf"^CONSTRAINTS=constraints/airflow-{newest}\.txt$", bootstrap, re.M)
+    assert re.search(r'pip install -q -e "\.\[dev\]" -c "\$CONSTRAINTS"$', bootstrap, re.M)
+    assert 'if [ ! -f "$CONSTRAINTS" ]; then' in bootstrap
+    package_check = (ROOT / "scripts" / "package-check.sh").read_text()
+    assert f"CONSTRAINTS=$REPO/constraints/airflow-{newest}.txt" in package_check
+    assert '-c "$CONSTRAINTS"' in package_check
+    compat = (ROOT / "scripts" / "compat-test.sh").read_text()
+    assert f"else minor={oldest}; fi" in compat
+    assert '-c "$CONSTRAINTS")' in compat
+    assert 'if [ ! -f "$CONSTRAINTS" ]; then' in compat
+    assert re.search(rf"^DEV_MINOR={newest}$", (ROOT / "scripts" / "update-constraints.sh").read_text(), re.M)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/index.md"])
+def test_install_lines_name_a_constraints_file(doc):
+    """Users' install line pins what was tested: `pip install airflow-provider-o365mail -c <file>`,
+    the file's URL in the repository (raw, so pip reads the text), which exists."""
+    import re
+
+    lines = [line for line in (ROOT / doc).read_text().splitlines() if "pip install airflow-provider-o365mail" in line]
+    assert lines, f"{doc} has an install line"
+    for line in lines:
+        match = re.fullmatch(rf"pip install airflow-provider-o365mail -c {re.escape(RAW_URL)}(\S+)", line.strip())
+        assert match, f"{doc}: {line!r} installs without a constraints file"
+        assert (ROOT / match[1]).is_file(), f"{doc} names {match[1]}, which is not in the repository"
+
+
+def test_compatibility_doc_names_the_pinned_airflow_of_each_file():
+    doc = (ROOT / "docs" / "compatibility.md").read_text()
+    for minor in SUPPORTED_MINORS:
+        row = f"| {minor} | [`constraints/airflow-{minor}.txt`]({RAW_URL}constraints/airflow-{minor}.txt) | "
+        row += f"`apache-airflow=={constraint_pins(minor)['apache-airflow']}`"
+        assert row in doc, f"docs/compatibility.md's constraints table is stale for {minor}"
