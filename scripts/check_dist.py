@@ -34,6 +34,7 @@ WHEEL_DATA = [
     *(f"{PACKAGE}/plugins/templates/{name}" for name in PAGE_TEMPLATES),
     f"{PACKAGE}/testing/pytest_plugin.py",
     f"{PACKAGE}/testing/entra/app.py",
+    f"{PACKAGE}/testing/entra/templates/sign_in.html",
 ]
 SDIST_DIRS = ["docs", "tests", "example_dags", "bench", "scripts"]
 SDIST_FILES = ["LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "MANIFEST.in", "mkdocs.yml"]
