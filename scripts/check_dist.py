@@ -24,13 +24,17 @@ ENTRY_POINTS = {
     "airflow.plugins": {"o365mail": f"{PACKAGE}.plugins.o365mail:O365MailPlugin"},
     "pytest11": {"o365mail_sandbox": f"{PACKAGE}.testing.pytest_plugin"},
 }
+#: The Microsoft 365 Mail page's templates (plugins/pages.py renders them).
+PAGE_TEMPLATES = ["base.html", "index.html", "result.html", "connection_row.html", "page.css", "page.js"]
 #: Package data a wheel built without package-data configuration would silently lack.
 WHEEL_DATA = [
     f"{PACKAGE}/py.typed",
     f"{PACKAGE}/notifications/templates/body.html",
     f"{PACKAGE}/notifications/templates/subject.jinja2",
+    *(f"{PACKAGE}/plugins/templates/{name}" for name in PAGE_TEMPLATES),
     f"{PACKAGE}/testing/pytest_plugin.py",
     f"{PACKAGE}/testing/entra/app.py",
+    f"{PACKAGE}/testing/entra/templates/sign_in.html",
 ]
 SDIST_DIRS = ["docs", "tests", "example_dags", "bench", "scripts", "constraints"]
 SDIST_FILES = ["LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "MANIFEST.in", "mkdocs.yml"]

@@ -95,7 +95,25 @@ def main() -> None:
     check(settings.imap_host == "outlook.office365.com", f"imap host {settings.imap_host!r}")
     check("smoke-client-secret" not in repr(settings), "the client secret appears in the settings' repr")
     print(f"hook: {O365MailHook('o365mail_smoke')!r} -> {settings.imap_host}:{settings.imap_port}")
+    check_page_templates()
     print(f"smoke test OK in {time.monotonic() - started:.1f}s")
+
+
+def check_page_templates() -> None:
+    """The pages render from the wheel's package data (a template missing from it fails only here)."""
+    from airflow_provider_o365mail.plugins import pages
+    from airflow_provider_o365mail.testing.entra import pages as entra_pages
+
+    row = {"conn_id": "o365mail_smoke", "grant_type": "authorization_code", "state": "needs-consent", "state_text": ""}
+    rendered = {
+        "index": pages.index_page("http://127.0.0.1/o365mail/callback", [row]),
+        "result": pages.result_page(ok=True, conn_id="<smoke>", message="ok", scopes=["SMTP.Send"]),
+        "sign-in": entra_pages.sign_in_page(flow_id="f", app_name="a", permissions=["SMTP.Send"], login_hint=""),
+    }
+    check("id='authorize-o365mail_smoke'" in rendered["index"], "the mail page has no Authorize button")
+    check("<code>&lt;smoke&gt;</code>" in rendered["result"], "the result page does not escape the connection id")
+    check('name="flow" value="f"' in rendered["sign-in"], "the Entra stand-in's sign-in page has no flow field")
+    print(f"page templates: {', '.join(f'{name} {len(html)} chars' for name, html in rendered.items())}")
 
 
 def check_pytest_plugin() -> None:

@@ -229,3 +229,26 @@ def test_compatibility_doc_names_the_pinned_airflow_of_each_file():
         row = f"| {minor} | [`constraints/airflow-{minor}.txt`]({RAW_URL}constraints/airflow-{minor}.txt) | "
         row += f"`apache-airflow=={constraint_pins(minor)['apache-airflow']}`"
         assert row in doc, f"docs/compatibility.md's constraints table is stale for {minor}"
+
+
+def test_every_data_file_of_the_package_is_declared_package_data():
+    """A template that no package-data glob matches is missing from the wheel, and the page it
+    renders fails only once installed (the editable checkout has it). package-check.sh builds the
+    wheel; this catches the gap without a build."""
+    package_data = pyproject()["tool"]["setuptools"]["package-data"]
+    declared = {
+        path
+        for package, globs in package_data.items()
+        for pattern in globs
+        for path in (ROOT / package.replace(".", "/")).glob(pattern)
+    }
+    data_files = {
+        path
+        for path in (ROOT / "airflow_provider_o365mail").rglob("*")
+        if path.is_file() and path.suffix not in {".py", ".pyc"} and "__pycache__" not in path.parts
+    }
+    assert data_files - declared == set()
+    assert {p.name for p in declared if p.parent.name == "templates" and p.parent.parent.name == "plugins"} >= {
+        "index.html",
+        "result.html",
+    }
