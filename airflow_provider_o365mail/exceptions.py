@@ -223,11 +223,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _error_classes() -> dict[str, type[O365MailError]]:
+    """This provider's own error classes by name (never a class defined elsewhere in the process)."""
     found: dict[str, type[O365MailError]] = {}
     pending: list[type[O365MailError]] = [O365MailError]
     while pending:
         cls = pending.pop()
-        found[cls.__name__] = cls
+        if cls.__module__.split(".")[0] == __name__.split(".")[0]:
+            found[cls.__name__] = cls
         pending.extend(cls.__subclasses__())
     return found
 
@@ -239,22 +241,28 @@ def is_payload(value: Any) -> bool:
 def from_payload(payload: dict[str, Any], *, default: type[O365MailError] | None = None) -> O365MailError:
     """The error :meth:`O365MailError.to_payload` described: same class, message and fields.
 
-    A class this version does not know (a newer triggerer, an older worker) becomes ``default``
-    (:class:`MailServerError`) with the same message.
+    Never raises: a class this version does not know (a triggerer running a newer provider) becomes
+    ``default`` (:class:`MailServerError`) with the same message, and fields that do not fit the
+    class (another version's) are left out rather than turning the error into a ``TypeError``.
     """
     message = str(payload.get("message") or "The mail watch failed.")
     cls = _error_classes().get(str(payload.get("class")))
-    fields = payload.get("fields") if isinstance(payload.get("fields"), dict) else {}
-    if cls is not None:
+    raw_fields = payload.get("fields")
+    fields = raw_fields if isinstance(raw_fields, dict) else {}
+    if cls is None:
+        return (default or MailServerError)(message)
+    wanted = {name: value for name, value in fields.items() if name in cls.payload_fields}
+    try:
+        return cls(message, **wanted)
+    except Exception:
         try:
-            return cls(message, **{k: v for k, v in fields.items() if k in cls.payload_fields})
-        except TypeError:  # fields from another version: the class and message still say what to do
             err = cls.__new__(cls)
             Exception.__init__(err, message)
-            for name, value in fields.items():
-                setattr(err, name, value)
+            for name in cls.payload_fields:
+                setattr(err, name, wanted.get(name))
             return err
-    return (default or MailServerError)(message)
+        except Exception:
+            return (default or MailServerError)(message)
 
 
 def fresh_copy(err: BaseException) -> BaseException:
@@ -264,5 +272,5 @@ def fresh_copy(err: BaseException) -> BaseException:
         return from_payload(err.to_payload())
     try:
         return type(err)(*err.args)
-    except TypeError:
+    except Exception:
         return MailServerError(f"{type(err).__name__}: {err}")

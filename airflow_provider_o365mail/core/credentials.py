@@ -37,12 +37,11 @@ def login_with_fresh_token(login: Callable[[bool], T], *, what: str, user: str, 
 
     A token can be refused before its expiry (revoked sessions, a changed password, a token minted
     for a mailbox that lost its license meanwhile): one refresh tells a stale token from a refusal
-    that a person must fix, which the second :class:`MailAuthenticationError` then says.
+    that a person must fix, which the second :class:`MailAuthenticationError` then says. Also after a
+    forced refresh: that one may have answered with a token another process had just stored.
     """
     try:
         return login(force_refresh)
     except MailAuthenticationError:
-        if force_refresh:
-            raise
         log.info("%s refused the access token for %s; retrying once with a refreshed token.", what, user)
         return login(True)

@@ -99,9 +99,9 @@ def headers_of(raw_header: bytes | None) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in message.raw_items():
         try:
-            text = str(email.policy.default.header_fetch_parse(name, value))
+            value_text = str(email.policy.default.header_fetch_parse(name, value))
         except Exception:
-            text = str(value)
+            value_text = str(value)
         key = name.lower()
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        headers[key] = f"{headers[key]}, {value_text}" if key in headers else value_text
     return headers

@@ -35,13 +35,20 @@ class ImapAttachmentReader:
         self.chunk_bytes = chunk_bytes
         self._folder: str | None = None
         self._uidvalidity = 0
+        self._uids: dict[tuple[Any, ...], int] = {}
 
     def chunks(self, message: Mapping[str, Any], attachment: Mapping[str, Any]) -> Iterator[bytes]:
-        """The attachment's decoded bytes, slice by slice."""
-        with self._errors():
-            uid = self._current_uid(message)
-        section = str(attachment["section"])
-        decoder = StreamDecoder(attachment.get("encoding"))
+        """The attachment's decoded bytes, slice by slice. The message is located now (a message that is
+        gone raises here, before the caller opens anything); the slices are fetched as they are read."""
+        key = (message.get("folder"), message.get("uidvalidity"), message.get("uid"), message.get("message_id"))
+        uid = self._uids.get(key)
+        if uid is None:
+            with self._errors():
+                uid = self._uids[key] = self._current_uid(message)
+        return self._slices(uid, str(attachment["section"]), attachment.get("encoding"))
+
+    def _slices(self, uid: int, section: str, encoding: str | None) -> Iterator[bytes]:
+        decoder = StreamDecoder(encoding)
         offset = 0
         while True:
             with self._errors():

@@ -142,7 +142,7 @@ async def wait_for_new_mail(
     """Return why the wait ended: ``"push"``, ``"changed"`` (new mail before IDLE began), ``"timeout"``.
 
     ``on_selected(uidnext)`` is told the folder's UIDNEXT once it is selected, before IDLE begins: a
-    shared watcher (:mod:`.imap_hub`) compares it with what each waiter's last check saw.
+    shared watcher (:mod:`.hub`) compares it with what each waiter's last check saw.
 
     A dead connection raises :class:`MailServerUnavailable` within seconds: the connection-lost
     callback (resets, closes), TCP keepalive (silent drops), and every ``probe_interval`` seconds the

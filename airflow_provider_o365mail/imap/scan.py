@@ -66,7 +66,7 @@ class ImapSession:
         self._stack.__exit__(*exc_info)
 
     def reopen(self) -> Any:
-        # Closed *with* an error: a pooled client (see :mod:`.imap_pool`) is then dropped, not reused.
+        # Closed *with* an error: a pooled client (see :mod:`.pool`) is then dropped, not reused.
         broken = ConnectionBroken("a response broke the IMAP connection")
         with contextlib.suppress(Exception):
             self._stack.__exit__(ConnectionBroken, broken, None)

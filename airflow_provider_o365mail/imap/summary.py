@@ -7,9 +7,6 @@ never makes the summary fail (it shows as what could be read).
 
 from __future__ import annotations
 
-import contextlib
-import email.header
-import email.policy
 import email.utils
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -22,7 +19,7 @@ from airflow_provider_o365mail.core.summary import format_address, header_fields
 HEADER_BYTES = 65536
 HEADER_ITEM = f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"
 #: What a summary needs, every item bounded: no response line or literal grows with the message
-#: (ENVELOPE would carry a 100 MB Subject whole). BODYSTRUCTURE is fetched apart (see imap_scan).
+#: (ENVELOPE would carry a 100 MB Subject whole). BODYSTRUCTURE is fetched apart (see imap/scan.py).
 FETCH_ITEMS = ["UID", "RFC822.SIZE", "FLAGS", "INTERNALDATE", HEADER_ITEM]
 
 
@@ -45,25 +42,53 @@ def _addresses(items: Any) -> list[str]:
 
 
 def _params(value: Any) -> dict[str, str]:
-    """BODYSTRUCTURE parameter list -> dict, with RFC 2231 (``name*``, ``name*0*``) decoded by ``email.utils``."""
+    """BODYSTRUCTURE parameter list -> dict, with RFC 2231 (``name*``, ``name*0*``) decoded."""
     if not isinstance(value, (list, tuple)):
         return {}
+    raw: dict[str, str] = {}
     items = list(value)
-    pairs = [
-        (text(key).lower(), val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val or ""))
-        for key, val in zip(items[0::2], items[1::2], strict=False)
-    ]
+    for key, val in zip(items[0::2], items[1::2], strict=False):
+        raw[text(key).lower()] = val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val or "")
+    decoded: dict[str, str] = {}
+    continued: dict[str, list[tuple[int, bool, str]]] = {}
+    for key, val in raw.items():
+        base, star, rest = key.partition("*")
+        if not star:
+            decoded.setdefault(base, text(val))
+            continue
+        index = rest.rstrip("*")  # name* (encoded), name*0 (plain section), name*0* (encoded section)
+        section = int(index) if index.isdigit() else 0
+        continued.setdefault(base, []).append((section, rest == "" or rest.endswith("*"), val))
+    for base, sections in continued.items():
+        sections.sort(key=lambda section: section[0])
+        try:
+            decoded[base] = text(_join_rfc2231(sections))
+        except Exception:
+            decoded.setdefault(base, text(sections[0][2]))
+    return decoded
+
+
+def _join_rfc2231(sections: list[tuple[int, bool, str]]) -> str:
+    """``filename*0*=utf-8''%C3%A9t; filename*1*=%C3%A9.pdf`` -> ``été.pdf``."""
+    charset = "utf-8"
+    parts = []
+    for number, is_encoded, value in sections:
+        if is_encoded:
+            if number == 0 and value.count("'") >= 2:
+                charset, _language, value = value.split("'", 2)
+            parts.append(_percent_decode(email.utils.unquote(value), charset or "utf-8"))
+        else:
+            parts.append(value)
+    return "".join(parts)
+
+
+def _percent_decode(value: str, charset: str) -> str:
+    from urllib.parse import unquote_to_bytes
+
     try:
-        decoded = email.utils.decode_params([("", ""), *pairs])[1:]
-    except Exception:  # a broken continuation: the plain parameters still count
-        return {key: text(val) for key, val in pairs if "*" not in key}
-    params: dict[str, str] = {}
-    for key, val in decoded:
-        with contextlib.suppress(Exception):
-            params.setdefault(
-                key, text(email.utils.unquote(email.utils.collapse_rfc2231_value(val, "replace", "utf-8")))
-            )
-    return params
+        return unquote_to_bytes(value).decode(charset, errors="replace")
+    except LookupError:
+        return unquote_to_bytes(value).decode("utf-8", errors="replace")
 
 
 def _disposition(value: Any) -> tuple[str, dict[str, str]]:

@@ -4,7 +4,7 @@ Shared by the sensor (poke and reschedule), its deferrable trigger and the event
 matters: a trigger only checks; whoever persists the result (the worker after the trigger fired,
 Airflow after the asset events are stored) commits, so a crash in between loses nothing.
 
-A check costs little when nothing is new (see :mod:`.imap_scan`, shared with the event stream):
+A check costs little when nothing is new (see :mod:`.scan`, shared with the event stream):
 with a watermark, one ``STATUS (UIDNEXT UIDVALIDITY)`` per folder answers "nothing above the last
 UID" without selecting the folder; otherwise ``UID SEARCH <last+1>:* <criteria>`` runs on the
 server and only ENVELOPE/BODYSTRUCTURE of the hits are fetched, never bodies.

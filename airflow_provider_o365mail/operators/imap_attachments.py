@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
 import json
 import os
@@ -108,11 +109,7 @@ class O365ImapAttachmentOperator(BaseOperator):
                         name = unique_name(name, taken)
                     taken.add(name)
                     destination = target / name
-                    size = 0
-                    with destination.open("wb") as out:
-                        for data in reader.chunks(message, attachment):
-                            out.write(data)
-                            size += len(data)
+                    size = _save(reader.chunks(message, attachment), destination)
                     self.log.info(
                         "Saved %s (%d bytes) from %s/%s.", destination, size, message.get("folder"), message.get("uid")
                     )
@@ -127,3 +124,18 @@ def _by_folder(messages: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]
         folders.setdefault(str(message.get("folder") or "INBOX"), []).append(message)
     for group in folders.values():
         yield from group
+
+
+def _save(chunks: Iterator[bytes], destination: Any) -> int:
+    """Write ``chunks`` to ``destination``; a download that fails part-way leaves no partial file."""
+    size = 0
+    try:
+        with destination.open("wb") as out:
+            for data in chunks:
+                out.write(data)
+                size += len(data)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            destination.unlink()
+        raise
+    return size

@@ -4,11 +4,11 @@ Loop: note the folders' generation, check the folders, and if nothing matches wa
 changed since that generation. Exchange allows about 20 IMAP connections per mailbox, so the
 triggers of one mailbox share them in this process (the hook builds both):
 
-- the wait joins the shared IDLE watch of each folder (:mod:`.imap.hub`: one IDLE connection
+- the wait joins the shared IDLE watch of each folder (:mod:`..imap.hub`: one IDLE connection
   per connection, mailbox and folder, whatever the number of sensors; polling where there is no IDLE);
 - the check (IMAPClient, blocking) runs in a worker thread over the mailbox's pool of logged-in
-  sessions (:mod:`.imap.pool`, ``[o365mail] max_imap_connections_per_mailbox``), at most that
-  many at once, and identical concurrent checks run once (:mod:`.core.gate`).
+  sessions (:mod:`..imap.pool`, ``[o365mail] max_imap_connections_per_mailbox``), at most that
+  many at once, and identical concurrent checks run once (:mod:`..core.gate`).
 
 The check is read-only: the post-action and the watermark advance happen on the worker in
 ``execute_complete``, after Airflow persisted the event.
@@ -37,7 +37,10 @@ def error_event(err: BaseException) -> TriggerEvent:
     """The trigger's error as a structured payload (class, message and fields: :mod:`..exceptions`)."""
     if not isinstance(err, exceptions.O365MailError):
         err = exceptions.MailServerError(f"{type(err).__name__}: {err}")
-    return TriggerEvent({"status": "error", "error": err.to_payload()})
+    # error_class and message too: a worker still running an older provider reads only those.
+    return TriggerEvent(
+        {"status": "error", "error": err.to_payload(), "error_class": type(err).__name__, "message": str(err)}
+    )
 
 
 def raise_from_event(event: dict[str, Any]) -> None:

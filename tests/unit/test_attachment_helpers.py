@@ -61,3 +61,67 @@ def test_streaming_base64_and_quoted_printable_decode_like_the_whole(data, cuts)
         out += decoder.feed(encoded[position:]) + decoder.finish()
         expected = quopri.decodestring(encoded) if encoding == "quoted-printable" else data
         assert out == expected, encoding
+
+
+class _GoneClient:
+    """A folder whose UIDVALIDITY changed and where the message is gone."""
+
+    def select_folder(self, folder, readonly):
+        return {b"UIDVALIDITY": 99}
+
+    def search(self, query):
+        return []
+
+
+class _DroppingClient:
+    """Serves one 4-byte slice of a part, then the connection breaks."""
+
+    def __init__(self):
+        self.fetches = 0
+
+    def select_folder(self, folder, readonly):
+        return {b"UIDVALIDITY": 1}
+
+    def fetch(self, uids, items):
+        self.fetches += 1
+        if self.fetches > 1:
+            raise OSError("connection reset")
+        return {uids[0]: {b"BODY[2]<0>": b"abcd"}}
+
+
+def _run_operator(tmp_path, monkeypatch, client, chunk_bytes=1024 * 1024):
+    import contextlib
+
+    from airflow_provider_o365mail.hooks import o365mail
+    from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
+    from airflow_provider_o365mail.operators.imap_attachments import O365ImapAttachmentOperator
+
+    @contextlib.contextmanager
+    def reader(self, mailbox=None):
+        yield ImapAttachmentReader(client, chunk_bytes=chunk_bytes)
+
+    monkeypatch.setattr(o365mail.O365MailHook, "attachment_reader", reader)
+    messages = [
+        {
+            "folder": "INBOX",
+            "uidvalidity": 1,
+            "uid": 5,
+            "message_id": "<m@x>",
+            "attachments": [{"name": "a.pdf", "section": "2", "encoding": "7bit"}],
+        }
+    ]
+    O365ImapAttachmentOperator(task_id="t", messages=messages, target_dir=str(tmp_path)).execute({})
+
+
+def test_a_message_that_is_gone_leaves_no_empty_file(tmp_path, monkeypatch):
+    from airflow_provider_o365mail.exceptions import MailServerError
+
+    with pytest.raises(MailServerError, match="no longer in INBOX"):
+        _run_operator(tmp_path, monkeypatch, _GoneClient())
+    assert list(tmp_path.iterdir()) == []  # a retry writes a.pdf, not "a (1).pdf" beside an empty one
+
+
+def test_a_download_that_breaks_part_way_leaves_no_partial_file(tmp_path, monkeypatch):
+    with pytest.raises(OSError, match="reset"):
+        _run_operator(tmp_path, monkeypatch, _DroppingClient(), chunk_bytes=4)
+    assert list(tmp_path.iterdir()) == []

@@ -93,3 +93,51 @@ def test_a_foreign_exception_becomes_a_mail_server_error_event():
     event = error_event(TimeoutError("read timed out")).payload
     with pytest.raises(MailServerError, match="TimeoutError: read timed out"):
         raise_from_event(event)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"refused": "not a mapping"},
+        {"refused": ["a", "b"]},
+        {"__class__": "x", "__dict__": {}, "args": 1, "__traceback__": 2},
+        {"status": {"nested": True}, "unexpected": 1},
+    ],
+)
+def test_odd_payloads_never_raise_anything_but_a_provider_error(fields):
+    for cls in ("RecipientsRefusedError", "ProxyRefused", "ConsentRevoked", "MailServerError"):
+        err = exceptions.from_payload({"kind": exceptions.PAYLOAD_KIND, "class": cls, "message": "m", "fields": fields})
+        assert isinstance(err, O365MailError) and str(err) == "m"
+        assert type(err).__name__ == cls
+
+
+def test_only_the_providers_own_classes_are_rebuilt_by_name():
+    class FromAPlugin(O365MailError):
+        pass
+
+    err = exceptions.from_payload({"kind": exceptions.PAYLOAD_KIND, "class": "FromAPlugin", "message": "m"})
+    assert type(err) is MailServerError
+
+
+def test_error_events_keep_the_keys_an_older_worker_reads():
+    payload = error_event(ConsentRevoked("consent removed", conn_id="c")).payload
+    assert payload["error_class"] == "ConsentRevoked" and payload["message"] == "consent removed"
+
+
+def test_a_refused_token_is_refreshed_once_even_after_a_forced_refresh():
+    from airflow_provider_o365mail.core.credentials import login_with_fresh_token
+    from airflow_provider_o365mail.exceptions import MailAuthenticationError
+
+    calls = []
+
+    def login(force):
+        calls.append(force)
+        if len(calls) == 1:
+            raise MailAuthenticationError("refused")
+        return "session"
+
+    assert login_with_fresh_token(login, what="SMTP", user="u", force_refresh=True) == "session"
+    assert calls == [True, True]
+    calls.clear()
+    assert login_with_fresh_token(login, what="IMAP", user="u") == "session"
+    assert calls == [False, True]

@@ -224,3 +224,26 @@ def test_summary_of_huge_and_deep_structures_never_raises(width, depth):
     assert summary["subject"] == "s"
     if depth < 500:  # what a Python parser can walk; deeper structures report no attachments, never fail
         assert len(summary["attachments"]) == width
+
+
+def _raw(*items: str) -> list[bytes]:
+    return [item.encode() for item in items]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        # Both forms, as most mailers write them: the RFC 2231 one wins over the ASCII fallback.
+        (_raw("filename", "ete.pdf", "filename*", "utf-8''%C3%A9t%C3%A9.pdf"), "été.pdf"),
+        (_raw("filename*", "utf-8''été.pdf"), "été.pdf"),  # raw 8-bit text where percent-encoding belongs
+        (_raw("filename*", "''%C3%A9t%C3%A9.pdf"), "été.pdf"),  # empty charset: UTF-8, not latin-1
+        (_raw("filename*", "x-bogus''%C3%A9t%C3%A9.pdf"), "été.pdf"),  # unknown charset
+        (_raw("filename*0", "O'Brien's ", "filename*1*", "%E2%82%AC.pdf"), "O'Brien's €.pdf"),  # plain section 0
+        (_raw("filename*0*", "utf-8''%C3%A9t", "filename*1*", "%C3%A9.pdf"), "été.pdf"),
+    ],
+)
+def test_rfc2231_parameters_as_real_mailers_write_them(params, expected):
+    # email.utils.decode_params/collapse_rfc2231_value gave 'ete.pdf', mojibake or nothing for these.
+    from airflow_provider_o365mail.imap.summary import _params
+
+    assert _params(params)["filename"] == expected
