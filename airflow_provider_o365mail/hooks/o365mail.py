@@ -55,6 +55,7 @@ from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
 from airflow_provider_o365mail.imap.hub import FolderWatch, idle_hub
 from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, ImapEndpoint, MailWaiter
+from airflow_provider_o365mail.imap.liveness import keep_alive
 from airflow_provider_o365mail.imap.pool import DEFAULT_MAX_CONNECTIONS, ImapPool, close_client, imap_pool
 from airflow_provider_o365mail.imap.proxied import ProxiedIMAPClient
 from airflow_provider_o365mail.imap.scan import ImapSession
@@ -167,6 +168,7 @@ class O365MailHook(BaseHook):
                 client = IMAPClient(
                     s.imap_host, port=s.imap_port, ssl=True, ssl_context=self.ssl_context, timeout=s.timeout
                 )
+            keep_alive(client.socket())  # a silently dropped session fails within 14 s, not at its timeout
             sasl = self.xoauth2_string(token.token, user=user)
             client.sasl_login("XOAUTH2", xoauth2_responder(sasl))
             # Exchange can accept AUTHENTICATE and refuse the next command ("User is authenticated

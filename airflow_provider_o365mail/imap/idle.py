@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
 from airflow_provider_o365mail.exceptions import MailServerError, MailServerUnavailable
 from airflow_provider_o365mail.imap.errors import refusal_class
+from airflow_provider_o365mail.imap.liveness import PROBE_ANSWER_SECONDS, PROBE_SECONDS, answer_deadline, keep_alive
 from airflow_provider_o365mail.imap.proxied import ProxiedAioIMAP4
 from airflow_provider_o365mail.retry import Backoff
 from airflow_provider_o365mail.tls import HttpProxy
@@ -52,12 +52,7 @@ async def first_completed(waits: Sequence[Awaitable[str]]) -> asyncio.Future[str
 logging.getLogger("aioimaplib.aioimaplib").setLevel(logging.INFO)
 
 MAX_IDLE_SECONDS = 25 * 60
-#: IDLE is ended and renewed this often, and DONE must be answered: a server that stopped talking is
-#: noticed, and middleboxes with a 4-5 min idle cut-off (Azure's load balancers) see traffic.
-PROBE_SECONDS = 240.0
-KEEPALIVE_IDLE_SECONDS = 10
-KEEPALIVE_INTERVAL_SECONDS = 5
-KEEPALIVE_PROBES = 3
+# How often IDLE is probed, how long an answer may take, the keepalive timings: .liveness.
 #: Reconnecting after transient failures: 2, 4, 8 ... s, at most 5 min, jittered; never gives up.
 RECONNECT = Backoff(first=2.0, maximum=300.0, jitter=(0.5, 1.0))
 # Errors a person must fix: reconnecting cannot help.
@@ -115,16 +110,27 @@ def aioimaplib_client(endpoint: ImapEndpoint, on_lost: Callable[[Exception | Non
 
 
 def enable_keepalive(client: Any) -> None:
-    """TCP keepalive on the IDLE socket: a silently dropped connection is noticed in about 25 s."""
+    """TCP keepalive and TCP_USER_TIMEOUT on the IDLE socket: a silent drop is noticed within 14 s (:mod:`.liveness`)."""
     transport = getattr(client.protocol, "transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    if sock is not None:
+        keep_alive(sock)
+
+
+def _close(client: Any, *, gracefully: bool) -> None:
+    """Close the client's connection: ``gracefully`` sends what is buffered first; otherwise drop it at once
+    (and cancel the client's commands that wait for answers that will never come)."""
+    protocol = getattr(client, "protocol", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            if gracefully:
+                transport.close()
+            else:
+                transport.abort()
+    if not gracefully:
+        for task in [*getattr(client, "tasks", ()), *getattr(protocol, "tasks", ())]:
+            task.cancel()
 
 
 async def wait_for_new_mail(
@@ -135,6 +141,7 @@ async def wait_for_new_mail(
     max_idle: float = MAX_IDLE_SECONDS,
     *,
     probe_interval: float = PROBE_SECONDS,
+    probe_answer: float = PROBE_ANSWER_SECONDS,
     client_factory: IdleClientFactory = aioimaplib_client,
     clock: Callable[[], float] = time.time,
     on_selected: Callable[[int | None], None] | None = None,
@@ -144,56 +151,119 @@ async def wait_for_new_mail(
     ``on_selected(uidnext)`` is told the folder's UIDNEXT once it is selected, before IDLE begins: a
     shared watcher (:mod:`.hub`) compares it with what each waiter's last check saw.
 
-    A dead connection raises :class:`MailServerUnavailable` within seconds: the connection-lost
-    callback (resets, closes), TCP keepalive (silent drops), and every ``probe_interval`` seconds the
-    IDLE is ended and must be answered within the endpoint's timeout (a server that stopped talking).
+    A dead connection raises :class:`MailServerUnavailable` (see :mod:`.liveness` for the bounds): a
+    reset or close at once (the connection-lost callback), a silent drop after 14 s of silence (TCP
+    keepalive and TCP_USER_TIMEOUT; 24 s if a probe went into it), and a server or proxy that stopped answering within ``probe_interval`` +
+    ``probe_answer`` seconds: every ``probe_interval`` seconds the IDLE is ended, and DONE and the
+    next IDLE must each be answered within ``probe_answer`` seconds (at most the endpoint's timeout).
+    A dead connection is dropped without LOGOUT (nobody would answer it).
     """
     lost = asyncio.Event()
     client = client_factory(endpoint, lambda _exc: lost.set())
     try:
-        await client.wait_hello_from_server()
-        enable_keepalive(client)
-        response = await client.xoauth2(endpoint.user, token.token)
-        if response.result != "OK":
-            text = " ".join(_lines(response)[-1:]) or response.result
-            cls = refusal_class(text, during_login=True)
-            raise cls(f"IMAP login to {endpoint.host}:{endpoint.port} as {endpoint.user} for IDLE failed: {text}")
-        if "IDLE" not in client.protocol.capabilities:  # Exchange's greeting lists none
-            await asyncio.wait_for(client.protocol.capability(), endpoint.timeout)
-        if "IDLE" not in client.protocol.capabilities:
-            raise IdleUnsupported(endpoint.host)
-        selected = await client.select(quote_folder(folder))
-        if selected.result != "OK":
-            raise MailServerError(f"Cannot open folder {folder!r} for IDLE: {_lines(selected)[-1:]}")
-        uidnext = _uidnext(selected)
-        if on_selected is not None:
-            on_selected(uidnext)
-        if known_uidnext is not None and uidnext is not None and uidnext != known_uidnext:
-            return "changed"
-        # The token's expiry is wall-clock time (``clock``); the wait itself runs on the loop's clock.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(max_idle, token.expires_on - TOKEN_MARGIN_SECONDS - clock())
-        while True:
-            slice_ = min(probe_interval, deadline - loop.time())
-            if slice_ <= 0:
-                return "timeout"
-            if await _idle_once(client, endpoint, lost, slice_) == "push":
-                return "push"
-    finally:
-        if not lost.is_set():  # a lost connection has nobody to say LOGOUT to
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.logout(), timeout=5)
+        reason = await _watch(
+            client,
+            endpoint,
+            folder,
+            token,
+            known_uidnext,
+            max_idle,
+            probe_interval,
+            probe_answer,
+            clock,
+            lost,
+            on_selected,
+        )
+    except asyncio.CancelledError:  # the caller stopped waiting: the session is fine, say goodbye
+        await _logout(client, lost)
+        raise
+    except BaseException:  # dead, refused, or in an unknown state: drop the connection
+        _close(client, gracefully=False)
+        raise
+    await _logout(client, lost)
+    return reason
 
 
-async def _idle_once(client: Any, endpoint: ImapEndpoint, lost: asyncio.Event, seconds: float) -> str:
-    """One IDLE of at most ``seconds``: ``"push"``, or ``"quiet"`` after the server answered DONE."""
-    where = f"{endpoint.host}:{endpoint.port}"
+async def _logout(client: Any, lost: asyncio.Event) -> None:
+    if not lost.is_set():  # a lost connection has nobody to say LOGOUT to
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.logout(), timeout=5)
+    _close(client, gracefully=True)
+
+
+async def _watch(
+    client: Any,
+    endpoint: ImapEndpoint,
+    folder: str,
+    token: ExpiringToken,
+    known_uidnext: int | None,
+    max_idle: float,
+    probe_interval: float,
+    probe_answer: float,
+    clock: Callable[[], float],
+    lost: asyncio.Event,
+    on_selected: Callable[[int | None], None] | None,
+) -> str:
+    await client.wait_hello_from_server()
+    enable_keepalive(client)
+    response = await client.xoauth2(endpoint.user, token.token)
+    if response.result != "OK":
+        text = " ".join(_lines(response)[-1:]) or response.result
+        cls = refusal_class(text, during_login=True)
+        raise cls(f"IMAP login to {endpoint.host}:{endpoint.port} as {endpoint.user} for IDLE failed: {text}")
+    if "IDLE" not in client.protocol.capabilities:  # Exchange's greeting lists none
+        await asyncio.wait_for(client.protocol.capability(), endpoint.timeout)
+    if "IDLE" not in client.protocol.capabilities:
+        raise IdleUnsupported(endpoint.host)
+    selected = await client.select(quote_folder(folder))
+    if selected.result != "OK":
+        raise MailServerError(f"Cannot open folder {folder!r} for IDLE: {_lines(selected)[-1:]}")
+    uidnext = _uidnext(selected)
+    if on_selected is not None:
+        on_selected(uidnext)
+    if known_uidnext is not None and uidnext is not None and uidnext != known_uidnext:
+        return "changed"
+    answer = answer_deadline(endpoint.timeout, probe_answer)
+    # The token's expiry is wall-clock time (``clock``); the wait itself runs on the loop's clock.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(max_idle, token.expires_on - TOKEN_MARGIN_SECONDS - clock())
+    while True:
+        slice_ = min(probe_interval, deadline - loop.time())
+        if slice_ <= 0:
+            return "timeout"
+        if await _idle_once(client, endpoint, lost, slice_, answer) == "push":
+            return "push"
+
+
+async def _answered(awaitable: Awaitable[Any], lost: asyncio.Event, seconds: float, what: str, where: str) -> Any:
+    """The result of ``awaitable`` (a command waiting for the server's answer), unless the connection is lost
+    or ``seconds`` pass first: then :class:`MailServerUnavailable` (the peer is dead)."""
+    answer = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(lost.wait())
     try:
-        idle = await asyncio.wait_for(client.idle_start(timeout=seconds), endpoint.timeout)
-    except TimeoutError:
-        raise MailServerUnavailable(
-            f"IMAP server {where} did not accept IDLE within {endpoint.timeout:.0f} s."
-        ) from None
+        done, _ = await asyncio.wait({answer, gone}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer in done:
+        return answer.result()
+    answer.cancel()
+    await asyncio.wait({answer})
+    if gone in done:
+        raise MailServerUnavailable(f"The IDLE connection to {where} was lost; reconnecting.")
+    raise MailServerUnavailable(
+        f"IMAP server {where} did not answer {what} within {seconds:g} s: the connection is dead (a hung "
+        "server or proxy); reconnecting."
+    )
+
+
+async def _idle_once(client: Any, endpoint: ImapEndpoint, lost: asyncio.Event, seconds: float, answer: float) -> str:
+    """One IDLE of at most ``seconds``: ``"push"``, or ``"quiet"`` after the server answered DONE.
+
+    IDLE must be accepted (``+ idling``) and DONE answered within ``answer`` seconds each: the probe
+    that tells a live server from a hung one.
+    """
+    where = f"{endpoint.host}:{endpoint.port}"
+    idle = await _answered(client.idle_start(timeout=seconds), lost, answer, "IDLE", where)
     reason = "quiet"
     gone = asyncio.ensure_future(lost.wait())
     try:
@@ -218,16 +288,11 @@ async def _idle_once(client: Any, endpoint: ImapEndpoint, lost: asyncio.Event, s
     finally:
         gone.cancel()
         client.idle_done()
-    if reason == "push":
+    if reason == "push":  # the caller checks the folder now: a late answer to DONE only delays the LOGOUT
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(idle, timeout=5)
+            await asyncio.wait_for(idle, timeout=answer)
         return reason
-    try:  # the probe: a live server answers DONE at once
-        await asyncio.wait_for(idle, endpoint.timeout)
-    except TimeoutError:
-        raise MailServerUnavailable(
-            f"IMAP server {where} did not answer DONE within {endpoint.timeout:.0f} s: the connection is dead."
-        ) from None
+    await _answered(idle, lost, answer, "DONE", where)  # the probe: a live server answers at once
     if lost.is_set():
         raise MailServerUnavailable(f"The IDLE connection to {where} was lost; reconnecting.")
     return reason

@@ -8,8 +8,16 @@ new connection is opened only when no idle one is left), keeps returned ones for
 - logs in again when a session's token has less than ``token_margin`` seconds left (Exchange ends
   such sessions with ``BYE ... AccessTokenExpired``),
 - sends ``NOOP`` to a session idle longer than ``probe_after`` before handing it out (a server or a
-  middlebox may have closed it meanwhile), and
-- drops a session whose lease ended in an error (its state is unknown).
+  middlebox may have closed it meanwhile, or stopped answering); the answer must come within
+  ``probe_answer`` seconds (10 s, at most the connection's timeout), else the session is dropped
+  without LOGOUT and a new one logged in, and
+- drops a session whose lease ended in an error (its state is unknown): a broken connection (a
+  socket error or timeout) at once, any other after a LOGOUT answered within 5 s.
+
+A session whose peer went silent therefore never holds a check longer than one probe answer
+(``probe_answer``) or, when it was used within ``probe_after`` seconds, one command's timeout (the
+connection's ``timeout``; a silent drop much sooner: TCP keepalive and TCP_USER_TIMEOUT end such a
+connection within 14 s of silence, see :mod:`.liveness`).
 
 ``login`` comes with each lease (``imap/`` never sees the hook): it returns a logged-in client and
 the token it used (an object with ``expires_on``).
@@ -18,6 +26,7 @@ the token it used (an object with ``expires_on``).
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import logging
 import os
 import threading
@@ -28,6 +37,8 @@ from typing import Any
 
 from airflow_provider_o365mail.core.budget import ConnectionBudget
 from airflow_provider_o365mail.core.credentials import ExpiringToken
+from airflow_provider_o365mail.imap.liveness import PROBE_ANSWER_SECONDS
+from airflow_provider_o365mail.imap.scan import ConnectionBroken
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +47,8 @@ DEFAULT_MAX_CONNECTIONS = 4
 IDLE_TTL_SECONDS = 60.0
 #: A session idle longer than this is probed with NOOP before use.
 PROBE_AFTER_SECONDS = 20.0
+#: A session being closed gets this long to answer LOGOUT (then its socket is simply closed).
+LOGOUT_SECONDS = 5.0
 #: Log in again when the session's token has less than this left.
 TOKEN_MARGIN_SECONDS = 120.0
 #: A lease that finds every connection of the budget busy this long gives up (and is retried by its caller).
@@ -52,13 +65,49 @@ class _Pooled:
     returned_at: float
 
 
-def close_client(client: Any) -> None:
-    """LOGOUT, or drop the socket when the server does not answer."""
+@contextlib.contextmanager
+def read_deadline(client: Any, seconds: float) -> Iterator[None]:
+    """Inside the block, each read on the client's socket waits at most ``seconds`` (or its own timeout,
+    if shorter); a client without a socket (a test's fake) is left alone."""
+    sock = None
+    with contextlib.suppress(Exception):
+        sock = client.socket()
+    if sock is None:
+        yield
+        return
+    before = sock.gettimeout()
+    sock.settimeout(seconds if before is None else min(before, seconds))
     try:
-        client.logout()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(before)
+
+
+def drop_client(client: Any) -> None:
+    """Close the socket without LOGOUT: for a session whose connection is dead or broken."""
+    with contextlib.suppress(Exception):
+        client.shutdown()
+
+
+def close_client(client: Any) -> None:
+    """LOGOUT (answered within ``LOGOUT_SECONDS``), or drop the socket when the server does not answer."""
+    try:
+        with read_deadline(client, LOGOUT_SECONDS):
+            client.logout()
     except Exception:
-        with contextlib.suppress(Exception):
-            client.shutdown()
+        drop_client(client)
+
+
+def probe_client(client: Any, seconds: float) -> None:
+    """``NOOP``, answered within ``seconds``; raises if it is not (the session is dead)."""
+    with read_deadline(client, seconds):
+        client.noop()
+
+
+def _connection_broken(err: BaseException) -> bool:
+    """Errors after which the connection is of no use: a LOGOUT would only wait for its timeout."""
+    return isinstance(err, OSError | imaplib.IMAP4.abort | ConnectionBroken)
 
 
 class ImapPool:
@@ -71,10 +120,13 @@ class ImapPool:
         name: str = "",
         idle_ttl: float = IDLE_TTL_SECONDS,
         probe_after: float = PROBE_AFTER_SECONDS,
+        probe_answer: float = PROBE_ANSWER_SECONDS,
         token_margin: float = TOKEN_MARGIN_SECONDS,
         acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
         close: Callable[[Any], None] = close_client,
+        drop: Callable[[Any], None] = drop_client,
+        probe: Callable[[Any, float], None] = probe_client,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {max_connections}")
@@ -82,6 +134,7 @@ class ImapPool:
         self.name = name
         self.idle_ttl = idle_ttl
         self.probe_after = probe_after
+        self.probe_answer = probe_answer
         self.token_margin = token_margin
         self.acquire_timeout = acquire_timeout
         self._clock = clock
@@ -94,6 +147,8 @@ class ImapPool:
             "(Exchange allows about 20).",
             acquire_timeout=acquire_timeout,
         )
+        self._drop = drop
+        self._probe = probe
         self._lock = threading.Lock()
         self._idle: list[_Pooled] = []
         self._reaper: threading.Timer | None = None
@@ -120,8 +175,8 @@ class ImapPool:
             pooled = self._checkout(login)
             try:
                 yield pooled.client
-            except BaseException:
-                self._close(pooled.client)
+            except BaseException as err:
+                (self._drop if _connection_broken(err) else self._close)(pooled.client)
                 raise
             pooled.returned_at = self._clock()
             with self._lock:
@@ -148,9 +203,16 @@ class ImapPool:
                 continue
             if now - pooled.returned_at > self.probe_after:
                 try:
-                    pooled.client.noop()
-                except Exception:
-                    self._close(pooled.client)
+                    self._probe(pooled.client, self.probe_answer)
+                except Exception as err:
+                    log.info(
+                        "IMAP session of %s idle for %.0f s did not answer NOOP (%s: %s); logging in again.",
+                        self.name,
+                        now - pooled.returned_at,
+                        type(err).__name__,
+                        err,
+                    )
+                    self._drop(pooled.client)
                     continue
             return pooled
 

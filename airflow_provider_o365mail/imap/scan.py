@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import imaplib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ def select(client: Any, folder: str, *, readonly: bool) -> dict[bytes, Any]:
     """``SELECT``/``EXAMINE`` with an error that names the folder and the likely fix."""
     try:
         return client.select_folder(folder, readonly=readonly)
+    except (OSError, imaplib.IMAP4.abort):  # the connection broke (a dead peer), not the folder: said as such
+        raise
     except Exception as err:
         raise MailServerError(f"Cannot open folder {folder!r}: {err}. {hints.FOLDER_NAME}") from None
 

@@ -21,7 +21,8 @@ MAIL_UID = 65534  # nobody: owns the maildirs
 MAIL_GID = 65534
 
 #: python3-milter: Debian's pymilter for Debian's python3, which runs the sandbox's milter (smtp_milter).
-DEBIAN_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix", "python3-milter")
+#: nftables: the silent-drop tests make a port's packets vanish (testing/packet_drop.py).
+DEBIAN_PACKAGES = ("dovecot-imapd", "dovecot-lmtpd", "postfix", "python3-milter", "nftables")
 MILTER_PYTHON = "/usr/bin/python3"  # the interpreter python3-milter is built for
 
 #: Exchange Online's limits, on by default (research 1.8): IMAP ~20 concurrent connections per

@@ -87,9 +87,26 @@ class Response:
     lines: list[bytes] = field(default_factory=list)
 
 
+class FakeTransport:
+    """Records how the connection was closed: ``close`` (after LOGOUT) or ``abort`` (dropped)."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
 class FakeProtocol:
-    def __init__(self, capabilities: set[str]) -> None:
+    def __init__(self, capabilities: set[str], transport: FakeTransport | None = None) -> None:
         self.capabilities = set(capabilities)
+        self.transport = transport
 
     async def capability(self) -> None:
         return None
@@ -106,17 +123,19 @@ class FakeIdleClient:
         uidnext: int = 5,
         pushes: list[Any] | None = None,
         answers_done: bool = True,
+        answers_idles: int | None = None,
     ) -> None:
         self.login_ok = login_ok
         self.answers_done = answers_done
+        self.answers_idles = answers_idles  # IDLEs accepted ("+ idling") before the server hangs; None: all
         self.on_lost: Any = None
         self.idles = 0
-        self.protocol = FakeProtocol(set(capabilities))
+        self.calls: list[str] = []
+        self.protocol = FakeProtocol(set(capabilities), FakeTransport(self.calls))
         self.uidnext = uidnext
         self.pushes: asyncio.Queue = asyncio.Queue()
         for push in pushes or []:
             self.pushes.put_nowait(push)
-        self.calls: list[str] = []
         self.idle_timeout: float | None = None
 
     def bind(self, on_lost: Any) -> FakeIdleClient:
@@ -142,6 +161,8 @@ class FakeIdleClient:
     async def idle_start(self, timeout: float) -> asyncio.Future:
         self.calls.append("idle")
         self.idles += 1
+        if self.answers_idles is not None and self.idles > self.answers_idles:
+            await asyncio.get_running_loop().create_future()  # a hung server: "+ idling" never comes
         self.idle_timeout = timeout
         self._timer = asyncio.get_running_loop().call_later(
             timeout, self.pushes.put_nowait, aioimaplib.STOP_WAIT_SERVER_PUSH

@@ -29,7 +29,15 @@ class Token:
     expires_on: float = NOW + 3600
 
 
-def wait(client: FakeIdleClient, *, known_uidnext=None, token=Token(), max_idle=1500.0, probe_interval=240.0):
+def wait(
+    client: FakeIdleClient,
+    *,
+    known_uidnext=None,
+    token=Token(),
+    max_idle=1500.0,
+    probe_interval=30.0,
+    probe_answer=10.0,
+):
     return asyncio.run(
         wait_for_new_mail(
             ENDPOINT,
@@ -38,6 +46,7 @@ def wait(client: FakeIdleClient, *, known_uidnext=None, token=Token(), max_idle=
             known_uidnext,
             max_idle,
             probe_interval=probe_interval,
+            probe_answer=probe_answer,
             client_factory=lambda _endpoint, on_lost: client.bind(on_lost),
             clock=lambda: NOW,
         )
@@ -47,7 +56,7 @@ def wait(client: FakeIdleClient, *, known_uidnext=None, token=Token(), max_idle=
 def test_a_pushed_exists_ends_the_wait():
     client = FakeIdleClient(pushes=[[b"3 EXISTS"]])
     assert wait(client, known_uidnext=5) == "push"
-    assert client.calls[-2:] == ["done", "logout"], "IDLE is ended and the session logged out"
+    assert client.calls[-3:] == ["done", "logout", "close"], "IDLE is ended and the session logged out"
 
 
 def test_mail_that_arrived_before_idle_is_reported_without_waiting():
@@ -143,12 +152,46 @@ def test_idle_is_renewed_every_probe_interval_while_the_server_answers():
     assert client.idles >= 3, "IDLE was ended (DONE answered) and re-issued"
 
 
-def test_a_server_that_stops_answering_is_noticed_at_the_next_probe():
+def test_a_server_that_stops_answering_is_noticed_at_the_next_probe_and_dropped_without_logout():
     client = FakeIdleClient(answers_done=False)
     started = time.monotonic()
+    with pytest.raises(MailServerUnavailable, match="did not answer DONE within 0.3 s: the connection is dead"):
+        wait(client, known_uidnext=5, probe_interval=0.2, probe_answer=0.3)
+    elapsed = time.monotonic() - started
+    # Not the endpoint's 5 s timeout: the probe's own answer deadline (0.2 s interval + 0.3 s answer).
+    assert elapsed < ENDPOINT.timeout - 1, f"noticed after {elapsed:.1f} s"
+    assert client.calls[-2:] == ["done", "abort"], "a dead connection is dropped, not sent a LOGOUT nobody answers"
+
+
+def test_a_server_that_stops_accepting_idle_is_noticed_within_the_answer_deadline():
+    client = FakeIdleClient(answers_idles=2)  # answers DONE, then never says "+ idling" again
+    started = time.monotonic()
+    with pytest.raises(MailServerUnavailable, match="did not answer IDLE"):
+        wait(client, known_uidnext=5, probe_interval=0.1, probe_answer=0.3)
+    assert client.idles == 3 and client.calls[-1] == "abort"
+    assert time.monotonic() - started < ENDPOINT.timeout - 1
+
+
+def test_the_answer_deadline_is_never_longer_than_the_connections_timeout():
+    client = FakeIdleClient(answers_done=False)
+    quick = ImapEndpoint("imap.test", 993, "me@example.com", 0.3, ssl.create_default_context())
+
+    async def run():
+        return await wait_for_new_mail(
+            quick,
+            "INBOX",
+            Token(),
+            5,
+            probe_interval=0.1,
+            probe_answer=60.0,
+            client_factory=lambda _e, on_lost: client.bind(on_lost),
+            clock=lambda: NOW,
+        )
+
+    started = time.monotonic()
     with pytest.raises(MailServerUnavailable, match="did not answer DONE"):
-        wait(client, known_uidnext=5, probe_interval=0.1)
-    assert time.monotonic() - started < ENDPOINT.timeout + 3
+        asyncio.run(run())
+    assert time.monotonic() - started < 5, "the connection's 0.3 s timeout, not the 60 s probe answer"
 
 
 def test_a_reset_connection_ends_the_wait_at_once():
@@ -164,3 +207,47 @@ def test_a_reset_connection_ends_the_wait_at_once():
     with pytest.raises(MailServerUnavailable, match="was lost"):
         asyncio.run(run())
     assert time.monotonic() - started < 3, "not at the end of the 25-minute IDLE"
+    assert "logout" not in client.calls and client.calls[-1] == "abort"
+
+
+def test_a_reset_while_idle_is_being_accepted_is_noticed_at_once():
+    client = FakeIdleClient(answers_idles=0)  # IDLE hangs: only the lost connection can end the wait
+
+    async def run():
+        asyncio.get_running_loop().call_later(0.2, client.drop)
+        return await wait_for_new_mail(
+            ENDPOINT,
+            "INBOX",
+            Token(),
+            5,
+            probe_answer=60.0,
+            client_factory=lambda _e, on_lost: client.bind(on_lost),
+            clock=lambda: NOW,
+        )
+
+    started = time.monotonic()
+    with pytest.raises(MailServerUnavailable, match="was lost"):
+        asyncio.run(run())
+    assert time.monotonic() - started < 3, "not at the answer deadline"
+
+
+def test_a_waiter_that_is_cancelled_logs_out():
+    client = FakeIdleClient()
+
+    async def run():
+        task = asyncio.ensure_future(
+            wait_for_new_mail(
+                ENDPOINT,
+                "INBOX",
+                Token(),
+                5,
+                client_factory=lambda _e, on_lost: client.bind(on_lost),
+                clock=lambda: NOW,
+            )
+        )
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run())
+    assert client.calls[-3:] == ["done", "logout", "close"], "the server is fine: it gets its LOGOUT"

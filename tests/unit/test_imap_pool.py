@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class FakeClient:
     def __init__(self, number: int) -> None:
         self.number = number
         self.logged_out = False
+        self.dropped = False  # its socket closed without LOGOUT
         self.noops = 0
         self.alive = True
 
@@ -35,6 +37,9 @@ class FakeClient:
 
     def logout(self) -> None:
         self.logged_out = True
+
+    def shutdown(self) -> None:
+        self.dropped = True
 
 
 class Server:
@@ -53,7 +58,7 @@ class Server:
         return client, Token(f"t{client.number}", self.clock[0] + self.lifetime)
 
     def open(self) -> int:
-        return sum(not c.logged_out for c in self.clients)
+        return sum(not (c.logged_out or c.dropped) for c in self.clients)
 
 
 @pytest.fixture
@@ -113,8 +118,8 @@ def test_a_session_whose_token_nears_expiry_logs_in_again_before_use(clock):
 def test_a_session_is_dropped_after_an_error_in_its_lease(clock):
     server, pool = Server(clock), make_pool(clock)
     with pytest.raises(RuntimeError), pool.lease(server.login) as first:
-        raise RuntimeError("the command broke the connection")
-    assert first.logged_out
+        raise RuntimeError("the server refused a command")
+    assert first.logged_out, "the connection works: the server gets its LOGOUT"
     with pool.lease(server.login) as client:
         assert client is not first
     assert pool.open_connections == 1
@@ -131,7 +136,75 @@ def test_a_session_idle_for_a_while_is_probed_and_a_dead_one_replaced(clock):
     first.alive = False
     with pool.lease(server.login) as client:
         assert client.number == 2
-    assert first.noops == 1 and first.logged_out
+    assert first.noops == 1 and first.dropped and not first.logged_out, "a dead session gets no LOGOUT to wait for"
+
+
+class SocketClient(FakeClient):
+    """A client on a real socket whose server reads commands and answers only while ``answering``."""
+
+    def __init__(self, number: int, timeout: float) -> None:
+        super().__init__(number)
+        self.sock, self.server = socket.socketpair()
+        self.sock.settimeout(timeout)  # what IMAPClient does with the connection's timeout
+        self.answering = True
+
+    def socket(self) -> socket.socket:
+        return self.sock
+
+    def shutdown(self) -> None:
+        self.dropped = True
+        self.sock.close()
+        self.server.close()
+
+    def _command(self, line: bytes) -> None:
+        self.sock.sendall(line)
+        self.server.recv(100)
+        if self.answering:
+            self.server.sendall(b"a OK\r\n")
+        self.sock.recv(100)  # the answer, or a timeout
+
+    def noop(self) -> None:
+        self.noops += 1
+        self._command(b"a NOOP\r\n")
+
+    def logout(self) -> None:
+        self._command(b"a LOGOUT\r\n")
+        self.logged_out = True
+
+
+def test_a_pooled_session_whose_server_hangs_holds_the_check_no_longer_than_the_probe_answer(clock):
+    logins: list[SocketClient] = []
+
+    def login():
+        logins.append(SocketClient(len(logins) + 1, timeout=30.0))
+        return logins[-1], Token("t", clock[0] + 3600)
+
+    pool = make_pool(clock, probe_after=20.0, probe_answer=0.3)
+    with pool.lease(login) as first:
+        pass
+    clock[0] += 30
+    with pool.lease(login) as client:
+        assert client is first and first.noops == 1
+    assert first.sock.gettimeout() == 30.0, "the probe's deadline is undone after it"
+    clock[0] += 30
+    first.answering = False  # TCP is up, the kernel acknowledges, nobody answers
+    started = time.monotonic()
+    with pool.lease(login) as client:
+        waited = time.monotonic() - started
+    assert client.number == 2 and first.dropped and not first.logged_out
+    assert waited < 5, f"the check waited {waited:.1f} s for a hung session (its socket timeout is 30 s)"
+    client.shutdown()
+
+
+def test_a_logout_nobody_answers_is_given_up_after_a_few_seconds(clock, monkeypatch):
+    from airflow_provider_o365mail.imap import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "LOGOUT_SECONDS", 0.3)
+    client = SocketClient(1, timeout=30.0)
+    client.answering = False
+    started = time.monotonic()
+    pool_module.close_client(client)
+    assert time.monotonic() - started < 5 and client.dropped and not client.logged_out
 
 
 def test_a_lease_that_finds_the_budget_busy_gives_up_with_what_to_do(clock):
@@ -157,7 +230,7 @@ def test_reopen_in_a_scan_drops_the_pooled_client_instead_of_returning_it(clock)
         broken = session.client
         session.reopen()
         assert session.client is not broken
-    assert broken.logged_out, "a client a response broke must not go back to the pool"
+    assert broken.dropped, "a client a response broke must not go back to the pool"
     with pool.lease(server.login) as client:
         assert client.number == 2
     assert pool.open_connections == 1
@@ -267,7 +340,7 @@ def test_an_error_inside_a_scan_drops_the_pooled_client(clock):
     with pytest.raises(OSError), ImapSession(lambda: pool.lease(server.login)) as session:
         first = session.client
         raise OSError("EOF occurred in violation of protocol")
-    assert first.logged_out
+    assert first.dropped and not first.logged_out, "a broken connection is closed, not sent a LOGOUT"
     with pool.lease(server.login) as client:
         assert client is not first
 

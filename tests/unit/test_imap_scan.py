@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import imaplib
+
 import pytest
 from imap_fakes import FakeFolder, FakeImapClient
 
@@ -83,6 +85,18 @@ def test_fetches_go_in_bounded_chunks_and_skip_expunged_messages(monkeypatch):
 def test_an_unknown_folder_names_the_folder_and_the_fix():
     with pytest.raises(MailServerError, match=r"Cannot open folder 'Rechnungen'.*INBOX"):
         scan_folder(opened(inbox()), "Rechnungen", None)
+
+
+@pytest.mark.parametrize(
+    "broken", [TimeoutError("The read operation timed out"), imaplib.IMAP4.abort("socket error: EOF")]
+)
+def test_a_connection_that_breaks_at_select_is_not_blamed_on_the_folder(broken):
+    class DeadClient(FakeImapClient):
+        def select_folder(self, folder, readonly=False):
+            raise broken
+
+    with pytest.raises(type(broken)):  # the hook says "connection lost ... retried"; the pool drops the session
+        imap_scan.select(DeadClient({"INBOX": FakeFolder()}), "INBOX", readonly=True)
 
 
 def test_the_sensor_check_uses_the_scan_per_folder_and_caps_results():
