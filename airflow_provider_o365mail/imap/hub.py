@@ -1,11 +1,11 @@
 """One IDLE connection per watched folder, shared by every waiter on that folder in this process.
 
 Exchange Online allows about 20 concurrent IMAP connections per mailbox. A triggerer running many
-deferred sensors of one mailbox must not open one IDLE per sensor, so it keeps one IDLE loop task
-per (key, folder) — the key names the connection and mailbox, the hook builds it — and a
-*generation* per folder that grows on every push, IDLE renewal, poll and reconnect. A waiter
-remembers the generation before its check and then waits for "changed since generation g": a
-change that lands between its check and its wait is never lost.
+deferred sensors and event streams (:mod:`.stream`) of one mailbox must not open one IDLE per
+waiter, so it keeps one IDLE loop task per (key, folder) — the key names the connection and
+mailbox, the hook builds it — and a *generation* per folder that grows on every push, IDLE renewal, poll and reconnect. A waiter
+remembers the generation before its check (a sensor's search, a stream's read) and then waits for
+"changed since generation g": a change that lands between its check and its wait is never lost.
 
 The loop also remembers the folder's UIDNEXT at each SELECT: a waiter whose check saw a lower
 UIDNEXT has missed mail that arrived while the loop was between sessions (after a push IDLE logs
@@ -125,8 +125,7 @@ class Subscription:
         state = self.state
         while True:
             if state.error is not None:
-                # A fresh instance per waiter: one exception object raised in many tasks shares a traceback.
-                raise type(state.error)(*state.error.args)
+                raise _fresh(state.error)
             if state.generation > generation:
                 return state.reason
             if uidnext is not None and state.uidnext is not None and state.uidnext > uidnext:
@@ -273,6 +272,15 @@ class IdleHub:
                     len(state.waiters),
                 )
                 await self._sleep(delay)
+
+
+def _fresh(err: BaseException) -> BaseException:
+    """A copy of ``err`` (class, message, attributes) for one waiter: one exception object raised in many
+    tasks would share a traceback. Not ``type(err)(*err.args)``: some take keyword-only arguments."""
+    copy = type(err).__new__(type(err), *err.args)
+    copy.args = err.args
+    copy.__dict__.update(vars(err))
+    return copy
 
 
 def _resolve(wanted: _Wanted) -> tuple[ImapEndpoint, ExpiringToken]:
