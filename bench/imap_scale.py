@@ -57,7 +57,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class LegacyTrigger:
-    """The previous ``O365ImapTrigger.run``: its own IDLE (MailWaiter) and a fresh login for every check."""
+    """The previous ``O365ImapTrigger.run``: its own IDLE connection and a fresh login for every check."""
 
     checks_done = 0
 
@@ -68,12 +68,12 @@ class LegacyTrigger:
     async def run(self):
         from airflow_provider_o365mail.hooks.o365mail import O365MailHook
         from airflow_provider_o365mail.imap import watch as imap_watch
+        from airflow_provider_o365mail.imap.idle import first_completed, wait_for_new_mail
         from airflow_provider_o365mail.imap.scan import ImapSession
         from airflow_provider_o365mail.imap.watch import WatchSpec
 
         spec = WatchSpec.from_dict(self.spec)
         hook = O365MailHook(self.conn_id)
-        waiter = hook.mail_waiter(spec.folders, max_idle=1500)
 
         def check():
             with ImapSession(lambda: hook.imap_client()) as session:
@@ -85,7 +85,14 @@ class LegacyTrigger:
             if result.messages:
                 yield result
                 return
-            await waiter.wait({f: scan.get("uidnext") for f, scan in result.scanned.items()})
+            # Its own IDLE connection per folder (what the removed MailWaiter did), not the shared hub.
+            endpoint = await asyncio.to_thread(hook.imap_endpoint)
+            token = await asyncio.to_thread(hook.access_token)
+            waits = [
+                wait_for_new_mail(endpoint, folder, token, scan.get("uidnext"), 1500)
+                for folder, scan in result.scanned.items()
+            ]
+            (await first_completed(waits)).result()
 
 
 class Scenario:

@@ -54,7 +54,7 @@ from airflow_provider_o365mail.imap import watch as imap_watch
 from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
 from airflow_provider_o365mail.imap.hub import FolderWatch, idle_hub
-from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, ImapEndpoint, MailWaiter
+from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, ImapEndpoint
 from airflow_provider_o365mail.imap.liveness import keep_alive
 from airflow_provider_o365mail.imap.pool import DEFAULT_MAX_CONNECTIONS, ImapPool, close_client, imap_pool
 from airflow_provider_o365mail.imap.proxied import ProxiedIMAPClient
@@ -337,26 +337,6 @@ class O365MailHook(BaseHook):
             s.imap_host, s.imap_port, mailbox or s.mailbox, float(s.timeout), self.ssl_context, s.http_proxy
         )
 
-    def mail_waiter(
-        self,
-        folders: Sequence[str],
-        *,
-        mailbox: str | None = None,
-        poll_interval: float = 60.0,
-        max_idle: float = MAX_IDLE_SECONDS,
-    ) -> MailWaiter:
-        """Waits (async) for a change in ``folders``: IMAP IDLE with this connection's tokens, or polling.
-
-        Building it reads nothing: the connection is loaded in a worker thread at the first wait.
-        """
-        return MailWaiter(
-            lambda: self.imap_endpoint(mailbox),
-            self.access_token,
-            folders,
-            poll_interval=poll_interval,
-            max_idle=max_idle,
-        )
-
     def folder_stream(
         self,
         folder: str,
@@ -365,9 +345,16 @@ class O365MailHook(BaseHook):
         poll_interval: float = 60.0,
         max_idle: float = MAX_IDLE_SECONDS,
     ) -> FolderStream:
-        """New messages of ``folder`` as an endless async stream (see :class:`FolderStream`)."""
-        waiter = self.mail_waiter([folder], mailbox=mailbox, poll_interval=poll_interval, max_idle=max_idle)
-        return FolderStream(lambda: self.imap_client(mailbox), waiter, folder)
+        """New messages of ``folder`` as an endless async stream (see :class:`FolderStream`).
+
+        It waits through :meth:`folder_watch`: the same IDLE connection as every deferred sensor and
+        every other stream on this folder and mailbox in this process. Building it reads nothing.
+        """
+        return FolderStream(
+            lambda: self.imap_client(mailbox),
+            lambda: self.folder_watch([folder], mailbox=mailbox, poll_interval=poll_interval, max_idle=max_idle),
+            folder,
+        )
 
     # ------------------------------------------------------------------ SMTP
     def _smtp_login(self, user: str, force_refresh: bool) -> tuple[smtplib.SMTP, AccessToken]:

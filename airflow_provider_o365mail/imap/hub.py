@@ -1,11 +1,11 @@
 """One IDLE connection per watched folder, shared by every waiter on that folder in this process.
 
 Exchange Online allows about 20 concurrent IMAP connections per mailbox. A triggerer running many
-deferred sensors of one mailbox must not open one IDLE per sensor, so it keeps one IDLE loop task
-per (key, folder) — the key names the connection and mailbox, the hook builds it — and a
-*generation* per folder that grows on every push, IDLE renewal, poll and reconnect. A waiter
-remembers the generation before its check and then waits for "changed since generation g": a
-change that lands between its check and its wait is never lost.
+deferred sensors and event streams (:mod:`.stream`) of one mailbox must not open one IDLE per
+waiter, so it keeps one IDLE loop task per (key, folder) — the key names the connection and
+mailbox, the hook builds it — and a *generation* per folder that grows on every push, IDLE renewal, poll and reconnect. A waiter
+remembers the generation before its check (a sensor's search, a stream's read) and then waits for
+"changed since generation g": a change that lands between its check and its wait is never lost.
 
 The loop also remembers the folder's UIDNEXT at each SELECT: a waiter whose check saw a lower
 UIDNEXT has missed mail that arrived while the loop was between sessions (after a push IDLE logs

@@ -16,7 +16,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ import aioimaplib
 from imapclient import imap_utf7
 
 from airflow_provider_o365mail import exceptions
-from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
+from airflow_provider_o365mail.core.credentials import ExpiringToken
 from airflow_provider_o365mail.exceptions import MailServerError, MailServerUnavailable
 from airflow_provider_o365mail.imap.errors import refusal_class
 from airflow_provider_o365mail.imap.liveness import PROBE_ANSWER_SECONDS, PROBE_SECONDS, answer_deadline, keep_alive
@@ -312,63 +312,3 @@ def _uidnext(response: object) -> int | None:
             if match:
                 return int(match.group(1))
     return None
-
-
-#: ``wait_one(folder, token, known_uidnext)`` waits on one folder; :func:`wait_for_new_mail` by default.
-FolderWait = Callable[[str, ExpiringToken, "int | None"], Awaitable[str]]
-
-
-class MailWaiter:
-    """Waits for a change in the watched folders: IDLE per folder, or polling where IDLE is missing.
-
-    :param endpoint: the server, or a blocking callable returning it (resolved in a thread at the
-        first wait, so building a waiter reads no connection).
-    :param token_source: blocking; called in a thread before each wait.
-    :param wait_one: waits on one folder (tests pass a fake); default IDLE on ``endpoint``.
-    """
-
-    def __init__(
-        self,
-        endpoint: ImapEndpoint | Callable[[], ImapEndpoint],
-        token_source: TokenSource,
-        folders: Sequence[str],
-        *,
-        poll_interval: float,
-        max_idle: float = MAX_IDLE_SECONDS,
-        wait_one: FolderWait | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._endpoint = endpoint
-        self.token_source = token_source
-        self.folders = tuple(folders)
-        self.poll_interval = poll_interval
-        self.max_idle = max_idle
-        self._wait_one = wait_one or self._idle
-        self._sleep = sleep
-        self.idle_supported: bool | None = None
-
-    def _resolve(self) -> tuple[ImapEndpoint, ExpiringToken]:
-        if callable(self._endpoint):
-            self._endpoint = self._endpoint()
-        return self._endpoint, self.token_source()
-
-    async def _idle(self, folder: str, token: ExpiringToken, known_uidnext: int | None) -> str:
-        return await wait_for_new_mail(self._endpoint, folder, token, known_uidnext, self.max_idle)  # type: ignore[arg-type]
-
-    async def wait(self, known_uidnext: Mapping[str, int | None]) -> str:
-        """Until a folder changes (``"push"``/``"changed"``), IDLE must be renewed (``"timeout"``) or a poll is due."""
-        if self.idle_supported is False:
-            await self._sleep(self.poll_interval)
-            return "poll"
-        endpoint, token = await asyncio.to_thread(self._resolve)
-        outcome = await first_completed(
-            [self._wait_one(folder, token, known_uidnext.get(folder)) for folder in self.folders]
-        )
-        try:
-            reason = outcome.result()
-        except IdleUnsupported:
-            log.info("%s offers no IDLE: polling every %.0f s.", endpoint.host, self.poll_interval)
-            self.idle_supported = False
-            return await self.wait(known_uidnext)
-        self.idle_supported = True
-        return reason

@@ -1,9 +1,14 @@
 """One folder's new messages as an endless stream, in UID order, from a stored position.
 
-The stream reads with IMAPClient in a worker thread (short calls) and waits with IMAP IDLE or
-polling (the same waiter as the deferrable sensor). It moves its in-memory read position as it
-yields; the stored position (the watermark) is advanced by whoever knows the messages were
-handled, never here.
+The stream reads with IMAPClient in a worker thread (short calls) and waits through this process's
+shared IDLE watch of the folder (:mod:`.hub`, the one the deferrable sensor's trigger waits on):
+one IDLE connection per folder and mailbox, however many streams and sensors wait on it; polling
+where the server has no IDLE. It moves its in-memory read position as it yields; the stored
+position (the watermark) is advanced by whoever knows the messages were handled, never here.
+
+No change is missed between a read and the wait after it: the stream notes the watch's generation
+*before* each read and then waits for "changed since that generation", telling the watch the
+UIDNEXT its read saw (mail that came while the IDLE connection was between sessions wakes it too).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 
 from airflow_provider_o365mail.core.summary import headers_of
 from airflow_provider_o365mail.core.watermark import FolderWatermark, seen_key
-from airflow_provider_o365mail.imap.idle import PERMANENT_ERRORS, RECONNECT, MailWaiter
+from airflow_provider_o365mail.imap.hub import FolderWatch
+from airflow_provider_o365mail.imap.idle import PERMANENT_ERRORS, RECONNECT
 from airflow_provider_o365mail.imap.scan import ClientFactory, ImapSession, scan_folder
 from airflow_provider_o365mail.imap.summary import header_bytes
 from airflow_provider_o365mail.retry import Backoff
@@ -30,14 +36,15 @@ class FolderStream:
     """New messages of ``folder`` after a position: ``(raw_event, payload)`` pairs, forever.
 
     :param open_client: opens a logged-in IMAPClient (short reads run in a worker thread).
-    :param waiter: waits for the folder to change between reads.
+    :param join_watch: joins the shared watch of ``folder`` (called on the event loop, no I/O); the
+        stream holds it while it runs and joins afresh after the watch stopped on a permanent error.
     :param retry: waits between attempts after transient failures; ``parked``: after permanent ones.
     """
 
     def __init__(
         self,
         open_client: ClientFactory,
-        waiter: MailWaiter,
+        join_watch: Callable[[], FolderWatch],
         folder: str,
         *,
         retry: Backoff = RECONNECT,
@@ -45,7 +52,7 @@ class FolderStream:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.open_client = open_client
-        self.waiter = waiter
+        self.join_watch = join_watch
         self.folder = folder
         self.retry = retry
         self.parked = parked
@@ -78,52 +85,70 @@ class FolderStream:
         failures = 0
         parked = 0
         announced = False
-        while True:
-            try:
-                events, uidnext = await asyncio.to_thread(self.read_new)
-                if parked:
-                    log.info("Watching %s works again.", name or self.folder)
-                failures = parked = 0
-                if not announced and self.read_position is not None:
-                    announced = True
-                    if start is None and on_first_position is not None:
-                        await on_first_position(self.read_position)
-                    log.info(
-                        "IMAP stream %s starts after UID %s (%s); %d message(s) to report.",
-                        name or self.folder,
-                        start.last_uid if start else self.read_position.last_uid,
-                        "stored position" if start else "new mail from now on",
-                        len(events),
-                    )
-                for event in events:
-                    summary = event["summary"]
-                    yield (
-                        event,
-                        {
-                            "uidvalidity": summary["uidvalidity"],
-                            "uid": summary["uid"],
-                            "message_id": summary["message_id"],
-                            "seen_key": seen_key(summary),
-                        },
-                    )
-                await self.waiter.wait({self.folder: uidnext})
-            except PERMANENT_ERRORS as err:
-                # Raising would fail the watcher, and Airflow restarts failed watchers within seconds: an
-                # endless loop. Report once, then check again rarely until someone fixes the cause.
-                parked += 1
-                delay = self.parked.delay(parked)
-                if parked == 1:
-                    log.error("Watching %s stopped: %s Next check in %.0f s.", name or self.folder, err, delay)
-                else:
+        watch: FolderWatch | None = None
+        try:
+            while True:
+                try:
+                    if watch is None:
+                        watch = self.join_watch()
+                    # Before the read: a change while it runs (or while events are yielded) ends the wait at once.
+                    mark = watch.mark()
+                    events, uidnext = await asyncio.to_thread(self.read_new)
+                    if parked:
+                        log.info("Watching %s works again.", name or self.folder)
+                    failures = parked = 0
+                    if not announced and self.read_position is not None:
+                        announced = True
+                        if start is None and on_first_position is not None:
+                            await on_first_position(self.read_position)
+                        log.info(
+                            "IMAP stream %s starts after UID %s (%s); %d message(s) to report.",
+                            name or self.folder,
+                            start.last_uid if start else self.read_position.last_uid,
+                            "stored position" if start else "new mail from now on",
+                            len(events),
+                        )
+                    for event in events:
+                        summary = event["summary"]
+                        yield (
+                            event,
+                            {
+                                "uidvalidity": summary["uidvalidity"],
+                                "uid": summary["uid"],
+                                "message_id": summary["message_id"],
+                                "seen_key": seen_key(summary),
+                            },
+                        )
+                    reason = await watch.wait(mark, {self.folder: uidnext})
+                    log.debug("Waiting on %s ended: %s.", name or self.folder, reason)
+                except PERMANENT_ERRORS as err:
+                    # Raising would fail the watcher, and Airflow restarts failed watchers within seconds: an
+                    # endless loop. Report once, then check again rarely until someone fixes the cause. A
+                    # parked stream holds no IDLE connection: the watch is left (a watch that stopped on
+                    # this error stays stopped) and joined afresh for the next check.
+                    if watch is not None:
+                        watch.close()
+                        watch = None
+                    parked += 1
+                    delay = self.parked.delay(parked)
+                    if parked == 1:
+                        log.error("Watching %s stopped: %s Next check in %.0f s.", name or self.folder, err, delay)
+                    else:
+                        log.warning(
+                            "Watching %s: still %s; next check in %.0f s.",
+                            name or self.folder,
+                            type(err).__name__,
+                            delay,
+                        )
+                    await self._sleep(delay)
+                    continue
+                except Exception as err:  # dropped connection, timeouts, 5xx
+                    failures += 1
+                    delay = self.retry.delay(failures)
                     log.warning(
-                        "Watching %s: still %s; next check in %.0f s.", name or self.folder, type(err).__name__, delay
+                        "Reading %s failed (%s: %s); retrying in %.0f s.", self.folder, type(err).__name__, err, delay
                     )
-                await self._sleep(delay)
-                continue
-            except Exception as err:  # dropped connection, timeouts, 5xx
-                failures += 1
-                delay = self.retry.delay(failures)
-                log.warning(
-                    "Reading %s failed (%s: %s); retrying in %.0f s.", self.folder, type(err).__name__, err, delay
-                )
-                await self._sleep(delay)
+                    await self._sleep(delay)
+        finally:
+            if watch is not None:
+                watch.close()

@@ -445,8 +445,34 @@ class Sandbox:
 
     def imap_sessions(self, user: str) -> int:
         """How many IMAP connections ``user`` holds on the sandbox's Dovecot right now."""
+        return len(self._imap_session_pids(user))
+
+    def imap_idle_sessions(self, user: str, folder: str) -> int:
+        """How many of ``user``'s IMAP connections are in IDLE on ``folder`` right now (an ASCII name).
+
+        Dovecot watches the folder's Maildir with inotify while a session IDLEs on it, and only then
+        (the watch goes at ``DONE``): the session processes (``doveadm who``) holding an inotify watch
+        on the folder's ``new`` directory are its IDLE connections. Reads Dovecot's /proc entries
+        (Linux, the sandbox's user).
+        """
+        cfg = self.mail_config(json.loads(self.config_file.read_text()))
+        maildir = cfg.mail_dir / user.lower() / "Maildir"
+        if folder.upper() != "INBOX":
+            maildir = maildir / ("." + folder.replace("/", "."))
+        st = (maildir / "new").stat()
+        watch = f"ino:{st.st_ino:x} sdev:{(os.major(st.st_dev) << 20) | os.minor(st.st_dev):x} "
+        idling = 0
+        for pid in self._imap_session_pids(user):
+            try:
+                infos = [p.read_text() for p in Path(f"/proc/{pid}/fdinfo").iterdir()]
+            except OSError:  # the session ended meanwhile
+                continue
+            idling += any(line.startswith("inotify ") and watch in line for info in infos for line in info.splitlines())
+        return idling
+
+    def _imap_session_pids(self, user: str) -> list[int]:
         cfg = self.mail_config(json.loads(self.config_file.read_text()))
         out = subprocess.run(
             ["doveadm", "-c", str(cfg.dovecot_conf), "who", "-1"], capture_output=True, text=True, check=True
         ).stdout
-        return sum(1 for line in out.splitlines()[1:] if line.split()[:2] == [user, "imap"])
+        return [int(line.split()[2]) for line in out.splitlines()[1:] if line.split()[:2] == [user, "imap"]]

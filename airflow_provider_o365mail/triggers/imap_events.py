@@ -1,9 +1,10 @@
 """O365ImapEventTrigger: schedule DAGs on inbound mail (``AssetWatcher``), Airflow >= 3.3.
 
-Every watcher on the same connection, mailbox, folder and post-action shares ONE IMAP stream (one
-connection in IDLE) through Airflow 3.3's shared streams; each watcher filters the new messages
-with its own criteria and turns each match into one asset event whose payload is the message
-summary (the sensor's XCom shape).
+Every watcher on the same connection, mailbox, folder and post-action shares ONE IMAP stream
+through Airflow 3.3's shared streams; each watcher filters the new messages with its own criteria
+and turns each match into one asset event whose payload is the message summary (the sensor's XCom
+shape). The stream waits on the triggerer's shared IDLE watch of the folder (:mod:`.imap.hub`), the
+one deferred sensors use too: one IDLE connection per connection, mailbox and folder.
 
 Ack mode: the post-action and the stream position (UIDVALIDITY + last UID + recent Message-IDs,
 kept in every watcher's asset state store) advance only in the producer's ``advance``, i.e. after

@@ -215,6 +215,123 @@ def test_three_watchers_share_one_imap_connection(event_airflow, db_connection, 
     wait_until(lambda: new_connections() == 1, 30, "the shared stream back in IDLE on one IMAP connection")
 
 
+def running_triggers(conn_id: str, classname: str) -> int:
+    """Triggers of ``classname`` on ``conn_id`` that a triggerer has picked up."""
+    from airflow.models.trigger import Trigger
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        triggers = session.query(Trigger).filter(
+            Trigger.triggerer_id.isnot(None), Trigger.classpath.like(f"%.{classname}")
+        )
+        return sum(1 for t in triggers if t.kwargs.get("conn_id") == conn_id)
+
+
+def task_instance(dag_id: str, task_id: str) -> tuple[str | None, list]:
+    """The latest run's ``(state, xcom value)`` of a task."""
+    from airflow.models import DagRun, TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        if run is None:
+            return None, []
+        ti = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=run.run_id, task_id=task_id).first()
+        xcoms = session.query(XComModel).filter_by(dag_id=dag_id, run_id=run.run_id, task_id=task_id).all()
+        return (str(ti.state) if ti is not None else None), [x.value for x in xcoms]
+
+
+def settled_idle_sessions(sandbox: Sandbox, user: str, folder: str, readings: int = 10, timeout: float = 60) -> int:
+    """The IDLE connections on ``folder`` once ``readings`` readings half a second apart agree (and are not 0:
+    IDLE is briefly ended at each renewal)."""
+    deadline = time.monotonic() + timeout
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        seen = [*seen[-(readings - 1) :], sandbox.imap_idle_sessions(user, folder)]
+        if len(seen) == readings and len(set(seen)) == 1 and seen[0] > 0:
+            return seen[0]
+        time.sleep(0.5)
+    raise AssertionError(f"the IDLE connections on {folder} never held still: {seen}")
+
+
+def test_a_deferred_sensor_and_an_asset_watcher_of_one_folder_share_one_idle_connection(
+    event_airflow, db_connection, o365_sandbox
+):
+    """Both wait in this one triggerer process; the server counts the connections in IDLE on the folder."""
+    from email.message import EmailMessage
+    from email.utils import make_msgid
+
+    sbx = o365_sandbox
+    tag = uuid.uuid4().hex[:8]
+    conn_id = db_connection(f"o365mail_oneidle_{tag}", sbx.connection_json(refresh_token=sbx.new_refresh_token()))
+    folder = f"OneIdle{tag}"  # a folder of its own: earlier tests' watchers IDLE on the INBOX
+    hook = O365MailHook(conn_id)
+    with hook.imap_client() as client:
+        client.create_folder(folder)
+    sandbox = Sandbox(sbx.state_dir)
+    sensor_dag, watch_dag = f"o365_oneidle_sensor_{tag}", f"o365_oneidle_watch_{tag}"
+    write_dag(
+        f"o365_oneidle_{tag}",
+        f"""
+        from datetime import datetime
+        from airflow.sdk import Asset, AssetWatcher, dag, task
+        from airflow_provider_o365mail.sensors.imap import O365ImapSensor
+        from airflow_provider_o365mail.triggers.imap_events import O365ImapEventTrigger
+
+        mail = Asset("oneidle_{tag}", watchers=[AssetWatcher(name="oneidle_{tag}", trigger=O365ImapEventTrigger(
+            conn_id={conn_id!r}, folder={folder!r}, subject="Both {tag}"))])
+
+        @dag(schedule=[mail])
+        def {watch_dag}():
+            @task
+            def noop():
+                pass
+
+            noop()
+
+        @dag(schedule="@once", start_date=datetime(2025, 1, 1), catchup=False)
+        def {sensor_dag}():
+            O365ImapSensor(
+                task_id="wait", conn_id={conn_id!r}, folders={folder!r}, subject="Both {tag}",
+                deferrable=True, timeout=900, poke_interval=60,
+            )
+
+        {watch_dag}()
+        {sensor_dag}()
+        """,
+    )
+    wait_until(
+        lambda: f"IMAP stream {conn_id}/{folder} starts" in event_airflow.log_text("triggerer"),
+        180,
+        "the watcher's IMAP stream",
+    )
+    wait_until(lambda: task_instance(sensor_dag, "wait")[0] == "deferred", 180, "the sensor to defer")
+    wait_until(lambda: running_triggers(conn_id, "O365ImapTrigger") == 1, 60, "the sensor's trigger in the triggerer")
+    assert running_triggers(conn_id, "O365ImapEventTrigger") == 1
+    # Both wait in the one triggerer: the sensor's trigger and the watcher's stream on the same folder.
+    idle = settled_idle_sessions(sandbox, sbx.user, folder)
+    print(f"one sensor and one watcher waiting on {folder}: {idle} IDLE connection(s) at the server")
+    assert idle == 1, f"{idle} IDLE connections on {folder} for one sensor and one watcher in one triggerer"
+
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = sbx.user, sbx.user, f"Both {tag}"
+    message["Message-ID"] = message_id = make_msgid(domain="o365.sandbox.test")
+    message.set_content("one delivery, two waiters")
+    with hook.imap_client() as client:
+        client.append(folder, message.as_bytes())
+
+    state, xcoms = wait_until(
+        lambda: (found := task_instance(sensor_dag, "wait"))[0] in ("success", "failed") and found, 120, "the sensor"
+    )
+    assert state == "success", f"the sensor task ended {state}"
+    assert [[m["message_id"] for m in value] for value in xcoms] == [[message_id]], "the sensor returned the message"
+    events = wait_until(lambda: asset_events(f"oneidle_{tag}"), 120, "the watcher's asset event")
+    assert [e["payload"]["message_id"] for e in events] == [message_id], "one asset event for the one message"
+    wait_until(lambda: ("success", "asset_triggered") in dag_runs(watch_dag), 120, "the watcher's DAG run")
+    assert len(asset_events(f"oneidle_{tag}")) == 1, "still one asset event once its run is done"
+
+
 def test_triggerer_killed_mid_burst_loses_nothing(event_airflow, db_connection, o365_sandbox):
     sbx = o365_sandbox
     tag = uuid.uuid4().hex[:8]

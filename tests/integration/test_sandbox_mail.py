@@ -102,6 +102,37 @@ def test_imap_offers_idle_move_uidplus_after_login(o365_sandbox, access_token):
         imap.logout()
 
 
+def test_idle_sessions_are_counted_per_folder_and_only_while_in_idle(o365_sandbox, access_token):
+    """The count integration tests use to prove how many IDLE connections a folder has."""
+    from airflow_provider_o365mail.testing.sandbox import Sandbox
+
+    sbx, sandbox = o365_sandbox, Sandbox(o365_sandbox.state_dir)
+    folder = f"IdleCount{uuid.uuid4().hex[:8]}"
+    idling, selected, elsewhere = (imap_login(sbx, sbx.user, access_token) for _ in range(3))
+    try:
+        assert idling.create(folder)[0] == "OK"
+        assert selected.select(folder)[0] == "OK" and elsewhere.select("INBOX")[0] == "OK"
+        assert sandbox.imap_idle_sessions(sbx.user, folder) == 0
+        for client, where in ((idling, folder), (elsewhere, "INBOX")):
+            client.select(where)
+            client.send(client._new_tag() + b" IDLE\r\n")
+            assert client.readline().startswith(b"+ ")
+        # one IDLE on the folder; one session selected on it without IDLE; one IDLE on another folder
+        assert sandbox.imap_idle_sessions(sbx.user, folder) == 1
+        assert sandbox.imap_idle_sessions(sbx.user, "INBOX") >= 1
+        idling.send(b"DONE\r\n")
+        assert b"OK" in idling.readline()
+        assert sandbox.imap_idle_sessions(sbx.user, folder) == 0, "DONE ends the count"
+        elsewhere.send(b"DONE\r\n")
+        elsewhere.readline()
+    finally:
+        for client in (idling, selected, elsewhere):
+            client.logout()
+        cleanup = imap_login(sbx, sbx.user, access_token)
+        cleanup.delete(folder)
+        cleanup.logout()
+
+
 def test_long_access_tokens_are_accepted(o365_sandbox, o365_admin):
     """Real Entra tokens are 1.5-3 kB; pad the scp claim to reach about 3 kB."""
     sbx = o365_sandbox

@@ -225,6 +225,25 @@ def test_a_permanent_error_reaches_every_waiter_and_a_later_waiter_starts_afresh
     run(scenario())
 
 
+def test_a_permanent_error_with_keyword_only_arguments_reaches_the_waiter_as_itself():
+    from airflow_provider_o365mail.exceptions import ProxyRefused
+
+    async def scenario():
+        server = FakeServer()
+        hub = hub_for(server)
+        sub = hub.subscribe(KEY, "INBOX", lambda: ENDPOINT, server.token_source)
+        waiting = asyncio.ensure_future(sub.wait(sub.generation, 10))
+        await server.fail(
+            ProxyRefused("The proxy refused the tunnel (403).", proxy="http://proxy.test:3128", status=403)
+        )
+        with pytest.raises(ProxyRefused, match="refused the tunnel") as raised:
+            await waiting
+        assert (raised.value.proxy, raised.value.status) == ("http://proxy.test:3128", 403)
+        sub.close()
+
+    run(scenario())
+
+
 def test_without_idle_the_shared_loop_polls_at_the_shortest_interval():
     async def scenario():
         slept: list[float] = []

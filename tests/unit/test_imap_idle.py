@@ -15,7 +15,6 @@ from airflow_provider_o365mail.imap.idle import (
     TOKEN_MARGIN_SECONDS,
     IdleUnsupported,
     ImapEndpoint,
-    MailWaiter,
     wait_for_new_mail,
 )
 
@@ -88,45 +87,6 @@ def test_a_refused_login_is_an_authentication_error():
 def test_no_idle_capability_is_reported():
     with pytest.raises(IdleUnsupported):
         wait(FakeIdleClient(capabilities=frozenset()))
-
-
-def test_waiter_returns_the_first_folder_that_changes_and_cancels_the_others():
-    cancelled: list[str] = []
-
-    async def wait_one(folder, token, known_uidnext):
-        if folder == "B":
-            return "push"
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.append(folder)
-            raise
-        return "timeout"
-
-    waiter = MailWaiter(ENDPOINT, Token, ["A", "B", "C"], poll_interval=60, wait_one=wait_one)
-    assert asyncio.run(waiter.wait({})) == "push"
-    assert sorted(cancelled) == ["A", "C"] and waiter.idle_supported is True
-
-
-def test_waiter_falls_back_to_polling_where_idle_is_missing():
-    slept: list[float] = []
-    tokens: list[int] = []
-
-    async def wait_one(folder, token, known_uidnext):
-        raise IdleUnsupported("imap.test")
-
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    def token_source():
-        tokens.append(1)
-        return Token()
-
-    waiter = MailWaiter(ENDPOINT, token_source, ["INBOX"], poll_interval=42, wait_one=wait_one, sleep=sleep)
-    assert asyncio.run(waiter.wait({})) == "poll"
-    assert asyncio.run(waiter.wait({})) == "poll"
-    assert slept == [42, 42] and waiter.idle_supported is False
-    assert len(tokens) == 1, "polling needs no token for the wait"
 
 
 def test_idle_is_renewed_every_probe_interval_while_the_server_answers():
