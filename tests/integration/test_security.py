@@ -107,6 +107,34 @@ def test_callback_needs_the_starting_users_session_and_a_refusal_does_not_use_up
     assert query["code"][0] not in log_text and query["state"][0] not in log_text
 
 
+def test_the_data_key_is_encrypted_in_the_db_and_redacted_by_airflows_rest_api(plugin, db_connection, o365_sandbox):
+    """#21: the data key is a Variable like any other for Airflow: encrypted in the DB, ``***`` in the REST API.
+
+    Written by this process, never read by the api-server: its masker would hide a value it had read itself,
+    so only the Variable's name can make the api-server redact it."""
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+
+    services, sbx = plugin, o365_sandbox
+    conn_id = db_connection(
+        f"sec_dk_{uuid.uuid4().hex[:6]}", sbx.connection_json(refresh_token=sbx.new_refresh_token())
+    )
+    assert TokenManager(settings_from_connection(load_connection(conn_id))).get().source == "identity_provider"
+    store = TokenStore(conn_id)
+    with create_session() as session:
+        row = session.query(Variable).filter(Variable.key == store.data_key).one()
+        value = row.val
+        assert row.is_encrypted and value not in row._val, "Airflow's fernet layer"
+    token = services.admin_token()
+    with client(services, token) as admin:
+        shown = admin.get(f"/api/v2/variables/{store.data_key}", headers={"Authorization": f"Bearer {token}"})
+        listed = admin.get("/api/v2/variables", params={"limit": 1000}, headers={"Authorization": f"Bearer {token}"})
+    assert shown.status_code == 200 and listed.status_code == 200, shown.text + listed.text
+    assert shown.json()["value"] == "***" and shown.json()["is_encrypted"] is True, shown.json()
+    assert value not in shown.text and value not in listed.text
+    assert store.key in listed.text, "the listing has the provider's Variables"
+
+
 # ---------------------------------------------------------------------- 4. plugin robustness
 def test_authorize_refuses_unknown_and_non_o365mail_connections(plugin, db_connection, o365_sandbox):
     """Before: unknown ids raised AirflowNotFoundException (500); an http connection started a flow."""
