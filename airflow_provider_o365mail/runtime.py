@@ -67,6 +67,21 @@ class MetadataDbVariables:
 
         Variable.delete(key)
 
+    def stored_state(self, key: str) -> str:
+        """How the metadata DB holds ``key``: ``absent``, ``encrypted`` or ``plain`` (Airflow had no
+        ``[core] fernet_key`` when it wrote it), or ``unreadable`` (present, but this component's
+        ``[core] fernet_key`` does not open it: ``Variable.get`` then returns None as if it were absent)."""
+        from airflow.models.variable import Variable
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            row = session.query(Variable).filter(Variable.key == key).one_or_none()
+            if row is None:
+                return "absent"
+            if not row.is_encrypted:
+                return "plain"
+            return "encrypted" if row.val is not None else "unreadable"
+
 
 def default_variables() -> VariableBackend:
     """The Variable backend for this process."""

@@ -1,19 +1,24 @@
 """Encryption of the token store at rest (Fernet / MultiFernet from ``cryptography``).
 
-Keys, first one encrypts, all decrypt (rotation):
+Two schemes, chosen by configuration:
 
-1. ``[o365mail] token_cache_keys``: comma-separated Fernet keys
+1. ``[core] fernet_key`` only (the default): **envelope encryption**. Each connection's store is
+   encrypted with its own random data key (a Fernet key) kept in an Airflow Variable of its own
+   (``auth/store.py``). Airflow encrypts that Variable with ``[core] fernet_key`` like any other, so
+   Airflow's own ``airflow rotate-fernet-key`` re-encrypts the data key and the store needs nothing
+   else: the documented procedure (``new,old``, ``airflow rotate-fernet-key``, drop ``old``) leaves it
+   readable. Keys derived (HKDF-SHA256) from the ``[core] fernet_key`` list are what stores written
+   before 0.2 used: they still open those (:func:`load_cipher`), which then move to a data key.
+2. ``[o365mail] token_cache_keys``: comma-separated Fernet keys the user manages
    (``AIRFLOW__O365MAIL__TOKEN_CACHE_KEYS``); generate one with
    ``python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"``.
-2. Otherwise keys derived (HKDF-SHA256) from Airflow's ``[core] fernet_key`` list, which every
-   component of a deployment already shares.
+   The first encrypts, all decrypt; a ciphertext that only an older key opens is reported as stale
+   by :func:`decrypt_stale`, :func:`reencrypt` writes it again under the newest key
+   (``MultiFernet.rotate``): the token store does that on read, ``airflow o365mail rotate-keys`` for
+   every store.
 
-The key never sits beside the ciphertext: the ciphertext lives in an Airflow Variable in the
-metadata database, the key in configuration.
-
-Rotation: a ciphertext that only an older key opens is reported as stale by :func:`decrypt_stale`,
-and :func:`reencrypt` writes it again under the newest key (``MultiFernet.rotate``); the token
-store does that on read and ``airflow o365mail rotate-keys`` for every store.
+Consent flows in progress (ten minutes at most) are encrypted with :func:`load_cipher`: keys
+derived from ``[core] fernet_key``, or ``token_cache_keys``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def load_cipher() -> MultiFernet:
             return StoreCipher([Fernet(k) for k in own])
         core = [k.strip() for k in _configured("core", "fernet_key").split(",") if k.strip()]
         if core:
-            return StoreCipher([Fernet(_derive(k)) for k in core])
+            return StoreCipher([Fernet(_derive(k)) for k in core], derived=True)
     except (ValueError, TypeError) as err:
         raise TokenStoreError(
             "A token store key is not a valid Fernet key (32 url-safe base64-encoded bytes). Check "
@@ -71,12 +76,38 @@ def encrypt(cipher: MultiFernet, plaintext: bytes) -> str:
 
 
 class StoreCipher(MultiFernet):
-    """A MultiFernet that also knows its newest key (to tell a stale ciphertext)."""
+    """A MultiFernet that also knows its newest key (to tell a stale ciphertext).
 
-    def __init__(self, fernets: list[Fernet]) -> None:
+    ``derived``: its keys are derived from ``[core] fernet_key`` (no ``token_cache_keys``): the token
+    store then encrypts with a data key of its own and uses these only to open older stores.
+    """
+
+    def __init__(self, fernets: list[Fernet], *, derived: bool = False) -> None:
         super().__init__(fernets)
         self.primary = fernets[0]
         self.key_count = len(fernets)
+        self.derived = derived
+
+
+def new_data_key() -> str:
+    """A random Fernet key for one connection's store (32 random bytes, url-safe base64)."""
+    return Fernet.generate_key().decode()
+
+
+def data_key_cipher(value: str) -> Fernet | None:
+    """The Fernet for a stored data key, or None if ``value`` is not a Fernet key (edited by hand)."""
+    try:
+        return Fernet(value.strip().encode())
+    except (ValueError, TypeError):
+        return None
+
+
+def try_decrypt(cipher: Fernet | MultiFernet, token: str) -> bytes | None:
+    """The plaintext, or None if ``cipher`` does not open ``token``."""
+    try:
+        return cipher.decrypt(token.encode())
+    except InvalidToken:
+        return None
 
 
 def decrypt_stale(cipher: MultiFernet, token: str, where: str) -> tuple[bytes, bool]:
@@ -108,7 +139,7 @@ def decrypt(cipher: MultiFernet, token: str, where: str) -> bytes:
             f"The token store {where} cannot be decrypted with the configured keys: it was written under a key "
             "this component does not have (the key was rotated and the old one removed before "
             "'airflow o365mail rotate-keys' ran, or components are configured with different keys). To keep the "
-            "newest refresh token, put the old key back second ([core] fernet_key = new,old, or "
-            "[o365mail] token_cache_keys) and run 'airflow o365mail rotate-keys'. Without it the connection's own "
-            "refresh token is used, or run 'airflow o365mail forget' and authorize again."
+            "newest refresh token, put the old key back second ([o365mail] token_cache_keys = new,old) and run "
+            "'airflow o365mail rotate-keys'. Without it the connection's own refresh token is used, or run "
+            "'airflow o365mail forget' and authorize again."
         ) from None

@@ -1,9 +1,16 @@
-"""Re-encrypt every token store under the newest key (``airflow o365mail rotate-keys``).
+"""Re-encrypt every token store and consent flow in progress (``airflow o365mail rotate-keys``).
 
-Run it after adding a new key in front of the old one (``[core] fernet_key = new,old`` with
-``airflow rotate-fernet-key``, or ``[o365mail] token_cache_keys = new,old``) and before removing
-the old key. Each store is rewritten holding its refresh lock, so a concurrent refresh is never
-overwritten with older content. Needs the metadata DB (it lists the Variables).
+Not needed for Airflow's own fernet key rotation: a store is encrypted with its data key, which
+``airflow rotate-fernet-key`` re-encrypts (:mod:`.store`). What it does:
+
+- moves every store written before 0.2 (keys derived from ``[core] fernet_key``) to its data key,
+  so the old fernet key can be removed even for stores no process has read since the upgrade;
+- with ``[o365mail] token_cache_keys = new,old``: re-encrypts every store under ``new`` (run it
+  before removing ``old``);
+- re-encrypts the consent flows in progress (ten minutes at most) under the newest key.
+
+Each store is rewritten holding its refresh lock, so a concurrent refresh is never overwritten with
+older content. Needs the metadata DB (it lists the Variables).
 """
 
 from __future__ import annotations

@@ -13,8 +13,11 @@ Used by the hook, the triggers, the CLI and the plugin alike.
   certificate check; network errors, 5xx and 429 are retried with :data:`TOKEN_BACKOFF`
   (``Retry-After`` honoured up to 60 s). After a timed-out request (which the identity provider
   may still have processed) the store is read again before the retry.
-- A store that no configured key opens (key rotated, old key removed too early) is not fatal:
-  the connection's own refresh token is used, with a warning, and the store is rewritten.
+- The store is encrypted with a data key that Airflow's ``airflow rotate-fernet-key`` rotates
+  (:mod:`.store`), so rotating ``[core] fernet_key`` as Airflow documents it keeps it readable. A
+  store that no key opens (its data key deleted, components with different fernet keys, an older
+  store whose key was removed, ``token_cache_keys`` rotated too early) is not fatal: the
+  connection's own refresh token is used, with a warning, and the store is rewritten.
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ class TokenManager:
 
     def _refresh(self, lease: RefreshLease, rejected: str | None) -> AccessToken:
         """Redeem, holding ``lease``; persist the rotated cache unless a newer refresh stored its own."""
+        self.store.prepare_write()  # a store that cannot be written fails before the refresh token is redeemed
         loaded = self._load_cache()
         self._drop_access_tokens(loaded.cache)
         outcome = self._with_retries(loaded, lease, rejected)
@@ -203,7 +207,7 @@ class TokenManager:
         )
 
     def _reencrypt_store(self) -> None:
-        """The store was read with an older key: write it again under the newest (holding the lock)."""
+        """The store was read with an older key: write it again under its data key or the newest key (holding the lock)."""
         try:
             with self.store.refresh_lock(timeout=max(60.0, 4 * self.settings.timeout), timing=self.lease_timing):
                 self.store.reencrypt()
@@ -219,8 +223,8 @@ class TokenManager:
     def _load_cache(self) -> _Loaded:
         """The stored MSAL cache, unless the connection carries a refresh token it was not seeded from.
 
-        A store that no configured key opens falls back to the connection's refresh token (with a
-        warning): the next refresh rewrites the store under the current key.
+        A store that no key opens falls back to the connection's refresh token (with a warning): the
+        next refresh rewrites the store under the current key.
         """
         cache = msal.SerializableTokenCache()
         seed = fingerprint(self.settings.refresh_token) if self.settings.delegated else None

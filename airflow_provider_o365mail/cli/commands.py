@@ -248,7 +248,7 @@ def forget(args: Any) -> None:
 
 # ---------------------------------------------------------------------- rotate-keys
 def rotate_keys(args: Any) -> None:
-    """Re-encrypt every token store under the newest key (run before removing an old key)."""
+    """Re-encrypt every token store under its data key or the newest key, and the consent flows in progress."""
     from airflow_provider_o365mail.auth.rotation import rotate_all
     from airflow_provider_o365mail.exceptions import O365MailError
 
@@ -258,8 +258,9 @@ def rotate_keys(args: Any) -> None:
         _fail(str(err))
         return
     print(
-        f"Token stores re-encrypted with the newest key: {len(report.reencrypted)}; already current: "
-        f"{len(report.current)}; consent flows in progress re-encrypted: {report.flows}."
+        f"Token stores re-encrypted (under their data key, or the newest token_cache_keys): "
+        f"{len(report.reencrypted)}; already current: {len(report.current)}; consent flows in progress "
+        f"re-encrypted: {report.flows}."
     )
     for conn_id, message in report.failed.items():
         print(f"Cannot re-encrypt the token store of {conn_id!r}: {message}", file=sys.stderr)

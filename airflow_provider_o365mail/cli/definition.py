@@ -77,8 +77,9 @@ O365MAIL_COMMANDS = (
     ),
     ActionCommand(
         name="rotate-keys",
-        help="Re-encrypt every token store with the newest key ([core] fernet_key or [o365mail] token_cache_keys); "
-        "run it after adding a new key first and before removing the old one",
+        help="Re-encrypt every token store under its data key (stores written before 0.2) or the newest "
+        "[o365mail] token_cache_keys, and the consent flows in progress; 'airflow rotate-fernet-key' alone is "
+        "enough for [core] fernet_key",
         func=lazy_load_command("airflow_provider_o365mail.cli.commands.rotate_keys"),
         args=(),
     ),

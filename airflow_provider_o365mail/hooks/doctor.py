@@ -220,11 +220,10 @@ def diagnose(conn_id: str) -> list[Check]:
         return [*checks, *(Check(link, SKIP, "needs the identity provider") for link in ("token", "IMAP", "SMTP"))]
 
     stored: StoredCache | None = None
+    store = TokenStore(conn_id)
     try:
-        stored = TokenStore(conn_id).load()
-        checks.append(
-            Check("token store", OK, "readable" + (f", written {_age(stored.written_at)} ago" if stored else ", empty"))
-        )
+        stored = store.load()
+        checks.append(_check_store(store, stored))
     except StoreUndecryptable as err:
         fallback = settings.refresh_token or not settings.delegated
         checks.append(
@@ -237,8 +236,14 @@ def diagnose(conn_id: str) -> list[Check]:
                     if fallback
                     else " The connection has no refresh token to fall back to."
                 ),
-                "Put the old key back second ([core] fernet_key = new,old) and run 'airflow o365mail rotate-keys', "
-                f"or 'airflow o365mail authorize --conn-id {conn_id}'.",
+                (
+                    "Give every Airflow component the same [core] fernet_key; for a store written before 0.2, put the "
+                    "old key back second ([core] fernet_key = new,old) and run 'airflow o365mail rotate-keys'"
+                    if store.uses_data_key
+                    else "Put the old key back second ([o365mail] token_cache_keys = new,old) and run "
+                    "'airflow o365mail rotate-keys'"
+                )
+                + f"; or 'airflow o365mail authorize --conn-id {conn_id}'.",
             )
         )
         if not fallback:
@@ -265,6 +270,38 @@ def diagnose(conn_id: str) -> list[Check]:
     checks.append(_run("IMAP", lambda: _imap_check(hook), settings))
     checks.append(_run("SMTP", lambda: _smtp_check(hook), settings))
     return checks
+
+
+def _check_store(store: TokenStore, stored: StoredCache | None) -> Check:
+    """How a readable store is encrypted, and whether Airflow encrypts its data key."""
+    detail = "readable" + (f", written {_age(stored.written_at)} ago" if stored else ", empty")
+    if not store.uses_data_key:
+        detail += "; encrypted with [o365mail] token_cache_keys"
+        if stored and stored.stale_key:
+            detail += (
+                " (an older one: re-encrypted under the newest on the next use, or 'airflow o365mail rotate-keys')"
+            )
+        return Check("token store", OK, detail)
+    state = store.data_key_state()
+    if stored and stored.stale_key:
+        detail += (
+            "; written before 0.2 under a key derived from [core] fernet_key: this check's refresh moves it to its "
+            f"data key (Variable {store.data_key})"
+        )
+    elif stored:
+        detail += f"; encrypted with its data key (Variable {store.data_key}"
+        detail += ", encrypted by Airflow: 'airflow rotate-fernet-key' rotates it)" if state == "encrypted" else ")"
+    if state == "plain":
+        return Check(
+            "token store",
+            WARN,
+            f"{detail}; but Airflow stored the data key Variable {store.data_key} unencrypted: the component that "
+            "wrote it had no [core] fernet_key",
+            "Set the same [core] fernet_key on every Airflow component (the api-server included), then "
+            f"'airflow o365mail forget --conn-id {store.conn_id}' and authorize again: the new data key is stored "
+            "encrypted.",
+        )
+    return Check("token store", OK, detail)
 
 
 def _check_refresh_token(stored: StoredCache | None, conn_id: str, *, public_client: bool = False) -> Check:

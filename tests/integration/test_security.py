@@ -107,6 +107,34 @@ def test_callback_needs_the_starting_users_session_and_a_refusal_does_not_use_up
     assert query["code"][0] not in log_text and query["state"][0] not in log_text
 
 
+def test_the_data_key_is_encrypted_in_the_db_and_redacted_by_airflows_rest_api(plugin, db_connection, o365_sandbox):
+    """#21: the data key is a Variable like any other for Airflow: encrypted in the DB, ``***`` in the REST API.
+
+    Written by this process, never read by the api-server: its masker would hide a value it had read itself,
+    so only the Variable's name can make the api-server redact it."""
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+
+    services, sbx = plugin, o365_sandbox
+    conn_id = db_connection(
+        f"sec_dk_{uuid.uuid4().hex[:6]}", sbx.connection_json(refresh_token=sbx.new_refresh_token())
+    )
+    assert TokenManager(settings_from_connection(load_connection(conn_id))).get().source == "identity_provider"
+    store = TokenStore(conn_id)
+    with create_session() as session:
+        row = session.query(Variable).filter(Variable.key == store.data_key).one()
+        value = row.val
+        assert row.is_encrypted and value not in row._val, "Airflow's fernet layer"
+    token = services.admin_token()
+    with client(services, token) as admin:
+        shown = admin.get(f"/api/v2/variables/{store.data_key}", headers={"Authorization": f"Bearer {token}"})
+        listed = admin.get("/api/v2/variables", params={"limit": 1000}, headers={"Authorization": f"Bearer {token}"})
+    assert shown.status_code == 200 and listed.status_code == 200, shown.text + listed.text
+    assert shown.json()["value"] == "***" and shown.json()["is_encrypted"] is True, shown.json()
+    assert value not in shown.text and value not in listed.text
+    assert store.key in listed.text, "the listing has the provider's Variables"
+
+
 # ---------------------------------------------------------------------- 4. plugin robustness
 def test_authorize_refuses_unknown_and_non_o365mail_connections(plugin, db_connection, o365_sandbox):
     """Before: unknown ids raised AirflowNotFoundException (500); an http connection started a flow."""
@@ -176,66 +204,156 @@ class IsolatedAirflow:
 TOKEN_PROBE = """
     import json
     from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-    from airflow_provider_o365mail.auth.store import TokenStore
-    from airflow_provider_o365mail.auth import crypto
     t = O365MailHook({conn_id!r}).access_token(force_refresh={force})
-    import os
-    from cryptography.fernet import Fernet, InvalidToken
-    raw = TokenStore({conn_id!r}).backend.get(TokenStore({conn_id!r}).key)
-    newest = Fernet(crypto._derive(os.environ["AIRFLOW__CORE__FERNET_KEY"].split(",")[0]))
-    try:
-        newest.decrypt(raw.encode())
-        stale = False
-    except InvalidToken:
-        stale = True
-    print(json.dumps({{"source": t.source, "stale": stale}}))
+    print(json.dumps({{"source": t.source}}))
 """
 
+#: What the metadata DB of an isolated Airflow holds for a connection's store and its data key, and what
+#: Airflow's REST API (its VariableResponse serializer) and masker make of them.
+STORE_PROBE = """
+    import json
+    from cryptography.fernet import Fernet
+    from airflow._shared.secrets_masker import _secrets_masker
+    from airflow.api_fastapi.core_api.datamodels.variables import VariableResponse
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+    from airflow_provider_o365mail.auth import crypto
+    from airflow_provider_o365mail.auth.store import TokenStore
 
-def test_fernet_key_rotation_with_the_airflow_cli(tmp_path, o365_sandbox, o365_admin):
-    """Before: reads never re-encrypted, rotate-fernet-key left the provider's layer on the old key, and
-    removing the old key made every store fail with 'cannot be decrypted'."""
-    sbx = o365_sandbox
-    k1, k2, k3 = (Fernet.generate_key().decode() for _ in range(3))
+    store = TokenStore({conn_id!r})
+    out = {{}}
+    with create_session() as session:
+        rows = {{r.key: r for r in session.query(Variable).filter(Variable.key.in_([store.key, store.data_key]))}}
+        for name, key in (("store", store.key), ("data_key", store.data_key)):
+            row = rows.get(key)
+            out[name] = row and {{
+                "is_encrypted": row.is_encrypted,
+                "api_value": VariableResponse.model_validate(row).val,
+                "name_is_sensitive": _secrets_masker().should_hide_value_for_key(key),
+                "outer_layer_opens_with_old_fernet_key": crypto.try_decrypt(Fernet({old_key!r}), row._val) is not None,
+            }}
+        raw, data_key = rows[store.key].val, rows.get(store.data_key)
+        out["store_opens_with_data_key"] = bool(data_key) and crypto.try_decrypt(Fernet(data_key.val), raw) is not None
+        out["store_opens_with_a_derived_key"] = crypto.try_decrypt(crypto.load_cipher(), raw) is not None
+    print(json.dumps(out))
+"""
+
+#: Rewrite a store as the provider wrote it before 0.2: sealed with a key derived (HKDF) from
+#: [core] fernet_key, and no data key.
+OLD_SCHEME = """
+    import json
+    from cryptography.fernet import Fernet
+    from airflow.models.variable import Variable
+    from airflow_provider_o365mail.auth import crypto
+    from airflow_provider_o365mail.auth.store import TokenStore
+
+    store = TokenStore({conn_id!r})
+    plaintext = Fernet(Variable.get(store.data_key)).decrypt(Variable.get(store.key).encode())
+    Variable.set(store.key, crypto.encrypt(crypto.load_cipher(), plaintext))
+    Variable.delete(store.data_key)
+    print(json.dumps({{"done": True}}))
+"""
+
+ROTATIONS = 4
+
+
+def revocation(admin, sbx) -> float:
+    """When the sandbox user's grant to the app was last revoked (0: never). A grant revoked by an earlier
+    test stays revoked for tokens issued before then: compare before and after."""
+    grants = admin.state()["grants"].values()
+    return max((g["revoked_at"] for g in grants if g["upn"] == sbx.user and g["client_id"] == sbx.client_id), default=0)
+
+
+def test_airflows_fernet_key_rotation_alone_keeps_every_connection_working(tmp_path, o365_sandbox, o365_admin):
+    """#21: Airflow's documented procedure (new,old; ``airflow rotate-fernet-key``; drop old) and no provider
+    command, under strict rotation, with refresh tokens rotated several times since consent.
+
+    Before: the provider's inner layer used keys derived from the old fernet key, which rotate-fernet-key does
+    not touch: once the old key was dropped the store no longer opened, the connection's original refresh
+    token was redeemed again, and strict rotation revoked the grant (AADSTS70008)."""
+    sbx, admin = o365_sandbox, o365_admin
+    old, new = (Fernet.generate_key().decode() for _ in range(2))
     af = IsolatedAirflow(tmp_path)
-    af.airflow("db", "migrate", keys=[k1])
-    conns = ["sec_rot_read", "sec_rot_cli"]
+    af.airflow("db", "migrate", keys=[old])
+    admin.update_settings(strict_rotation=True)  # a second redemption of any refresh token revokes the grant
+    revoked_before = revocation(admin, sbx)
+    conns = ["sec_rot_a", "sec_rot_b"]
     for conn_id in conns:
-        af.airflow(
-            "connections",
-            "add",
-            conn_id,
-            "--conn-json",
-            sbx.connection_json(refresh_token=sbx.new_refresh_token()),
-            keys=[k1],
+        seed = sbx.new_refresh_token()
+        af.airflow("connections", "add", conn_id, "--conn-json", sbx.connection_json(refresh_token=seed), keys=[old])
+    refreshes = refresh_requests(admin)
+    for conn_id in conns:
+        for _ in range(ROTATIONS):  # the seed, then each rotated refresh token once
+            probe = af.python(TOKEN_PROBE.format(conn_id=conn_id, force=True), keys=[old])
+            assert probe["source"] == "identity_provider", probe["log"]
+    assert refresh_requests(admin) - refreshes == ROTATIONS * len(conns)
+
+    # 1. the new key first, the old one second, on every component; refreshes go on meanwhile
+    probe = af.python(TOKEN_PROBE.format(conn_id=conns[0], force=True), keys=[new, old])
+    assert probe["source"] == "identity_provider", probe["log"]
+    # 2. Airflow's own re-encryption; 3. the old key removed. Nothing of the provider's was run.
+    af.airflow("rotate-fernet-key", keys=[new, old])
+    refreshes = refresh_requests(admin)
+    for conn_id in conns:
+        probe = af.python(TOKEN_PROBE.format(conn_id=conn_id, force=True), keys=[new])
+        assert probe["source"] == "identity_provider", probe["log"]
+        assert "cannot be decrypted" not in probe["log"], probe["log"]
+        assert af.python(TOKEN_PROBE.format(conn_id=conn_id, force=False), keys=[new])["source"] == "store"
+    assert refresh_requests(admin) - refreshes == len(conns), "one redemption per forced refresh, no fallback"
+    assert revocation(admin, sbx) == revoked_before, "AADSTS70008: a refresh token was redeemed twice"
+
+    for conn_id in conns:
+        held = af.python(STORE_PROBE.format(conn_id=conn_id, old_key=old), keys=[new])
+        assert held["store_opens_with_data_key"] and not held["store_opens_with_a_derived_key"], held
+        data_key = held["data_key"]
+        assert data_key["is_encrypted"] and not data_key["outer_layer_opens_with_old_fernet_key"], (
+            "stored encrypted, and re-encrypted by airflow rotate-fernet-key"
         )
-    o365_admin.update_settings(strict_rotation=True)  # a lost rotation would revoke the grant
-    for conn_id in conns:
-        assert af.python(TOKEN_PROBE.format(conn_id=conn_id, force=False), keys=[k1])["source"] == "identity_provider"
+        assert data_key["name_is_sensitive"] and data_key["api_value"] == "***", "redacted by Airflow's API"
+        assert held["store"]["is_encrypted"], held
 
-    # Rotate as Airflow documents it: new key first, rotate-fernet-key; then the provider's stores.
-    af.airflow("rotate-fernet-key", keys=[k2, k1])
-    read = af.python(TOKEN_PROBE.format(conn_id="sec_rot_read", force=False), keys=[k2, k1])
-    assert read["source"] == "store" and read["stale"] is False, "a read with the older key re-encrypts the store"
-    rotated = af.airflow("o365mail", "rotate-keys", keys=[k2, k1])
-    assert "re-encrypted with the newest key: 1; already current: 1" in rotated.stdout, rotated.stdout
-    for conn_id in conns:  # the old key is gone: the stores still open, the rotated refresh tokens still work
-        probe = af.python(TOKEN_PROBE.format(conn_id=conn_id, force=True), keys=[k2])
-        assert probe["source"] == "identity_provider" and "cannot be decrypted" not in probe["log"], probe["log"]
-    assert not grant_revoked(o365_admin, sbx)
+    doctor = af.airflow("o365mail", "doctor", "--conn-id", conns[1], keys=[new], check=False)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    store_line = next(line for line in doctor.stdout.splitlines() if "token store" in line)
+    assert store_line.startswith("[ OK ]") and "rotate-fernet-key" in store_line, doctor.stdout
+    assert revocation(admin, sbx) == revoked_before
 
-    # Old key removed right after rotate-fernet-key, nothing else run: every connection still works,
-    # from its own refresh token (Microsoft keeps older refresh tokens valid), with a warning; doctor says why.
-    o365_admin.update_settings(strict_rotation=False)
-    af.airflow("rotate-fernet-key", keys=[k3, k2])
-    doctor = af.airflow("o365mail", "doctor", "--conn-id", "sec_rot_cli", keys=[k3], check=False)
-    assert "[WARN] token store" in doctor.stdout and "cannot be decrypted" in doctor.stdout, doctor.stdout
-    assert "rotate-keys" in doctor.stdout and doctor.returncode == 0, doctor.stdout + doctor.stderr
-    probe = af.python(TOKEN_PROBE.format(conn_id="sec_rot_read", force=False), keys=[k3])
-    assert probe["source"] == "identity_provider" and "cannot be decrypted" in probe["log"], probe["log"]
-    assert "rotate-keys" in probe["log"]
-    for conn_id in conns:  # and the stores were rewritten under the new key
-        assert af.python(TOKEN_PROBE.format(conn_id=conn_id, force=False), keys=[k3])["source"] == "store"
+
+def test_a_store_written_before_data_keys_moves_to_one_on_read(tmp_path, o365_sandbox, o365_admin):
+    """A store sealed with a key derived from [core] fernet_key (the scheme before 0.2) is re-encrypted under a
+    new data key by the first read, here during a rotation, and survives the old key's removal."""
+    sbx, admin = o365_sandbox, o365_admin
+    old, new = (Fernet.generate_key().decode() for _ in range(2))
+    af = IsolatedAirflow(tmp_path)
+    af.airflow("db", "migrate", keys=[old])
+    admin.update_settings(strict_rotation=True)
+    revoked_before = revocation(admin, sbx)
+    conn_id = "sec_rot_old_scheme"
+    af.airflow(
+        "connections",
+        "add",
+        conn_id,
+        "--conn-json",
+        sbx.connection_json(refresh_token=sbx.new_refresh_token()),
+        keys=[old],
+    )
+    for _ in range(2):
+        assert af.python(TOKEN_PROBE.format(conn_id=conn_id, force=True), keys=[old])["source"] == "identity_provider"
+    af.python(OLD_SCHEME.format(conn_id=conn_id), keys=[old])
+    held = af.python(STORE_PROBE.format(conn_id=conn_id, old_key=old), keys=[old])
+    assert held["data_key"] is None and held["store_opens_with_a_derived_key"], held
+
+    af.airflow("rotate-fernet-key", keys=[new, old])
+    refreshes = refresh_requests(admin)
+    read = af.python(TOKEN_PROBE.format(conn_id=conn_id, force=False), keys=[new, old])
+    assert read["source"] == "store" and refresh_requests(admin) == refreshes, "a read, no token request"
+    held = af.python(STORE_PROBE.format(conn_id=conn_id, old_key=old), keys=[new, old])
+    assert held["store_opens_with_data_key"] and not held["store_opens_with_a_derived_key"], held
+    assert held["data_key"]["is_encrypted"] and held["data_key"]["api_value"] == "***", held
+
+    probe = af.python(TOKEN_PROBE.format(conn_id=conn_id, force=True), keys=[new])  # the old key removed
+    assert probe["source"] == "identity_provider" and "cannot be decrypted" not in probe["log"], probe["log"]
+    assert revocation(admin, sbx) == revoked_before
 
 
 # ---------------------------------------------------------------------- 3. single-flight refresh across hosts

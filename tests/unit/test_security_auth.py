@@ -159,7 +159,7 @@ def test_the_store_key_is_not_one_airflow_masks_and_the_old_key_moves_over():
     old = TokenStore("c", backend=backend)
     loaded = old.load()
     assert loaded.seed_fingerprint == "seed" and loaded.fence == 2 and loaded.stale_key, "read, marked to move"
-    assert old.reencrypt() is True and set(backend.values) == {store.key}
+    assert old.reencrypt() is True and set(backend.values) == {store.key, store.data_key}
     moved = TokenStore("c", backend=backend).load()
     assert moved.fence == 2 and not moved.stale_key
 
@@ -167,7 +167,7 @@ def test_the_store_key_is_not_one_airflow_masks_and_the_old_key_moves_over():
     writer = TokenStore("c", backend=backend)
     writer.load()
     writer.save("{}", "seed", fence=3)  # a refresh moves it too
-    assert set(backend.values) == {store.key}
+    assert set(backend.values) == {store.key, store.data_key}
 
 
 def test_an_undecryptable_store_names_the_cause_and_the_command(monkeypatch):
@@ -175,6 +175,166 @@ def test_an_undecryptable_store_names_the_cause_and_the_command(monkeypatch):
     with pytest.raises(crypto.StoreUndecryptable, match="rotate-keys") as err:
         crypto.decrypt(crypto.load_cipher(), Fernet(Fernet.generate_key()).encrypt(b"x").decode(), "test")
     assert "key was rotated and the old one removed" in str(err.value)
+
+
+# ---------------------------------------------------------------------- data key (envelope encryption)
+FERNET_A, FERNET_B = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def core_fernet_key(monkeypatch):
+    """No [o365mail] token_cache_keys: the store's keys come from [core] fernet_key (the default setup)."""
+    monkeypatch.delenv("AIRFLOW__O365MAIL__TOKEN_CACHE_KEYS", raising=False)
+
+    def use(*keys: str) -> None:
+        monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", ",".join(keys))
+
+    use(FERNET_A)
+    return use
+
+
+class RecordingVariables(MemoryVariables):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def set(self, key: str, value: str, description: str = "") -> None:
+        self.writes.append(key)
+        super().set(key, value, description)
+
+
+def test_a_store_opens_with_its_data_key_whatever_the_fernet_key_becomes(core_fernet_key):
+    """The data key sits in a Variable Airflow encrypts (and rotate-fernet-key rotates): the store itself
+    depends on [core] fernet_key only through Airflow's own layer (absent in this in-memory backend)."""
+    backend = RecordingVariables()
+    store = TokenStore("c", backend=backend)
+    store.save('{"x": 1}', "seed", fence=4)
+    raw, data_key = backend.values[store.key], backend.values[store.data_key]
+    assert Fernet(data_key.encode()).decrypt(raw.encode()), "sealed with the data key"
+    assert crypto.try_decrypt(crypto.load_cipher(), raw) is None, "not with a key derived from the fernet key"
+    store.save('{"x": 2}', "seed", fence=5)
+    assert backend.writes.count(store.data_key) == 1, "the data key is created once, then reused"
+    core_fernet_key(FERNET_B)  # the old fernet key is gone
+    loaded = TokenStore("c", backend=backend).load()
+    assert loaded.msal_cache == '{"x": 2}' and loaded.fence == 5 and not loaded.stale_key
+
+
+def test_a_store_of_the_old_scheme_is_moved_to_a_data_key_on_read(core_fernet_key):
+    """Stores written before 0.2 were sealed with a key derived (HKDF) from [core] fernet_key."""
+    import json
+
+    backend = RecordingVariables()
+    store = TokenStore("c", backend=backend)
+    payload = {"format": 1, "msal_cache": "{}", "seed_fingerprint": "seed", "written_at": 1.0, "fence": 7}
+    backend.values[store.key] = crypto.encrypt(crypto.load_cipher(), json.dumps(payload).encode())
+    core_fernet_key(FERNET_B, FERNET_A)  # mid-rotation: the old key second
+    loaded = store.load()
+    assert loaded.fence == 7 and loaded.stale_key and store.data_key not in backend.values, "read, nothing created"
+    with store.refresh_lock(timeout=5, timing=LeaseTiming(ttl=30, settle=0.0)):
+        assert store.reencrypt() is True
+    assert store.reencrypt() is False, "moved once"
+    raw = backend.values[store.key]
+    assert Fernet(backend.values[store.data_key].encode()).decrypt(raw.encode())
+    core_fernet_key(FERNET_B)  # the old key removed
+    moved = TokenStore("c", backend=backend).load()
+    assert moved.fence == 7 and moved.seed_fingerprint == "seed" and not moved.stale_key
+
+
+def test_concurrent_first_writes_under_the_refresh_lock_create_one_data_key(core_fernet_key):
+    backend = RecordingVariables()
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def first_write(index: int) -> None:
+        store = TokenStore("c", backend=backend)
+        barrier.wait()
+        try:
+            with store.refresh_lock(timeout=30, timing=LeaseTiming(ttl=30, settle=0.05)) as lease:
+                store.save(f'{{"writer": {index}}}', "seed", fence=lease.fence or 0)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=first_write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert backend.writes.count("o365mail_store_secret__c") == 1
+    assert TokenStore("c", backend=backend).load() is not None
+
+
+def test_the_data_key_variable_is_redacted_by_airflow_and_masked_once_read(core_fernet_key):
+    from airflow._shared.secrets_masker import _secrets_masker
+    from airflow._shared.secrets_masker import redact as core_redact
+    from airflow.api_fastapi.core_api.datamodels.variables import VariableResponse
+    from airflow.sdk._shared.secrets_masker import redact as sdk_redact
+
+    from airflow_provider_o365mail.auth.store import STORE_PREFIX
+
+    backend = MemoryVariables()
+    writer = TokenStore("c", backend=backend)
+    writer.save("{}", "seed")
+    assert _secrets_masker().should_hide_value_for_key(writer.data_key), "a sensitive word in the name"
+    assert not writer.data_key.startswith(STORE_PREFIX[:-1]), "rotate_all lists stores by prefix"
+    value = backend.values[writer.data_key]
+    shown = VariableResponse(key=writer.data_key, value=value, description=None, is_encrypted=True, team_name=None)
+    assert shown.val == "***", "what Airflow's API and UI return for it"
+    TokenStore("c", backend=backend).load()
+    for redact in (sdk_redact, core_redact):
+        assert value not in redact(f"a log line with {value} in it")
+
+
+def test_forget_deletes_the_data_key_and_a_new_grant_gets_a_new_one(core_fernet_key):
+    backend = MemoryVariables()
+    store = TokenStore("c", backend=backend)
+    store.save("{}", "seed")
+    first = backend.values[store.data_key]
+    store.forget()
+    assert store.key not in backend.values and store.data_key not in backend.values
+    other = TokenStore("c", backend=backend)
+    other.save("{}", "seed2")
+    assert backend.values[store.data_key] != first
+    assert store.load().seed_fingerprint == "seed2", "a process holding the old data key re-reads the new one"
+
+
+def test_a_data_key_this_component_cannot_decrypt_is_never_replaced(core_fernet_key):
+    """Airflow's Variable.get returns None when its fernet key does not open the row: creating a new data
+    key then would make the store unreadable for every other component."""
+
+    class WrongFernetKey(MemoryVariables):
+        def get(self, key: str) -> str | None:
+            return None if key.startswith("o365mail_store_secret__") else super().get(key)
+
+        def stored_state(self, key: str) -> str:
+            return "unreadable" if key in self.values else "absent"
+
+    backend = WrongFernetKey()
+    backend.values["o365mail_store_secret__c"] = "ciphertext Airflow cannot open here"
+    store = TokenStore("c", backend=backend)
+    with pytest.raises(TokenStoreError, match="same \\[core\\] fernet_key"):
+        store.prepare_write()
+    with pytest.raises(TokenStoreError, match="cannot decrypt"):
+        store.save("{}", "seed")
+    assert backend.values == {"o365mail_store_secret__c": "ciphertext Airflow cannot open here"}
+
+
+def test_a_store_no_key_opens_says_which_key_is_missing(core_fernet_key):
+    backend = MemoryVariables()
+    TokenStore("c", backend=backend).save("{}", "seed")
+    del backend.values["o365mail_store_secret__c"]
+    with pytest.raises(crypto.StoreUndecryptable, match="is missing") as err:
+        TokenStore("c", backend=backend).load()
+    assert "rotate-keys" in str(err.value) and "forget --conn-id c" in str(err.value)
+
+
+def test_token_cache_keys_keep_their_own_scheme_without_a_data_key(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__O365MAIL__TOKEN_CACHE_KEYS", FERNET_A)
+    backend = MemoryVariables()
+    store = TokenStore("c", backend=backend)
+    store.save("{}", "seed")
+    assert set(backend.values) == {store.key} and not store.uses_data_key
+    assert Fernet(FERNET_A.encode()).decrypt(backend.values[store.key].encode())
 
 
 # ---------------------------------------------------------------------- masking
