@@ -28,8 +28,11 @@ class ExpiringToken(Protocol):
     def expires_on(self) -> float: ...
 
 
-#: Returns a valid access token; blocking (call it in a thread from async code).
-TokenSource = Callable[[], ExpiringToken]
+class TokenSource(Protocol):
+    """Returns a valid access token; blocking (call it in a thread from async code). ``force_refresh``:
+    a new one from the identity provider (the server refused the last one)."""
+
+    def __call__(self, *, force_refresh: bool = False) -> ExpiringToken: ...
 
 
 def login_with_fresh_token(login: Callable[[bool], T], *, what: str, user: str, force_refresh: bool = False) -> T:

@@ -27,6 +27,7 @@ from types import TracebackType
 
 from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
+from airflow_provider_o365mail.exceptions import MailAuthenticationError
 from airflow_provider_o365mail.imap.idle import (
     MAX_IDLE_SECONDS,
     PERMANENT_ERRORS,
@@ -217,6 +218,14 @@ class IdleHub:
         if self._folders.get((state.key, state.folder)) is state:
             del self._folders[(state.key, state.folder)]
 
+    def _stop(self, state: FolderState, err: BaseException) -> None:
+        """End the loop for a reason a person must fix: every waiter gets the error."""
+        log.error("Watching %s stopped: %s", state.folder, err)
+        state.error = err
+        state.notify()
+        if self._folders.get((state.key, state.folder)) is state:
+            del self._folders[(state.key, state.folder)]  # the next waiter starts afresh
+
     def watched(self) -> list[FolderState]:
         """The folder watches with a running IDLE task (for tests and the benchmark)."""
         return [s for s in self._folders.values() if s.task is not None and not s.task.done()]
@@ -224,6 +233,7 @@ class IdleHub:
     # ------------------------------------------------------------------ the loop
     async def _run(self, state: FolderState) -> None:
         failures = 0
+        refresh_token = False  # after a refused login: once more with a refreshed token (as for IMAP and SMTP)
         while state.waiters:
             wanted = state.latest()
             try:
@@ -231,7 +241,7 @@ class IdleHub:
                     await self._sleep(state.poll_interval())
                     state.bump("poll")
                     continue
-                endpoint, token = await asyncio.to_thread(_resolve, wanted)
+                endpoint, token = await asyncio.to_thread(_resolve, wanted, refresh_token)
                 reconnecting = failures > 0
 
                 def selected(uidnext: int | None, reconnecting: bool = reconnecting) -> None:
@@ -245,6 +255,7 @@ class IdleHub:
                         state.bump("reconnect")
 
                 reason = await self._idle(endpoint, state.folder, token, state.max_idle(), selected)
+                refresh_token = False
                 state.idle_supported = True
                 state.bump(reason)
             except asyncio.CancelledError:
@@ -253,12 +264,16 @@ class IdleHub:
                 log.info("%s offers no IDLE: polling %s every %.0f s.", err, state.folder, state.poll_interval())
                 state.idle_supported = False
                 state.bump("poll")
+            except MailAuthenticationError as err:
+                if refresh_token:  # refused with a refreshed token too: a person must fix it
+                    self._stop(state, err)
+                    return
+                log.info(
+                    "IMAP refused the IDLE login for %s (%s); once more with a refreshed token.", state.folder, err
+                )
+                refresh_token = True
             except PERMANENT_ERRORS as err:
-                log.error("Watching %s stopped: %s", state.folder, err)
-                state.error = err
-                state.notify()
-                if self._folders.get((state.key, state.folder)) is state:
-                    del self._folders[(state.key, state.folder)]  # the next waiter starts afresh
+                self._stop(state, err)
                 return
             except Exception as err:  # dropped, reset, timed out, 5xx: reconnect
                 failures += 1
@@ -275,8 +290,9 @@ class IdleHub:
                 await self._sleep(delay)
 
 
-def _resolve(wanted: _Wanted) -> tuple[ImapEndpoint, ExpiringToken]:
-    return wanted.endpoint(), wanted.token_source()
+def _resolve(wanted: _Wanted, refresh_token: bool = False) -> tuple[ImapEndpoint, ExpiringToken]:
+    token = wanted.token_source(force_refresh=True) if refresh_token else wanted.token_source()
+    return wanted.endpoint(), token
 
 
 _HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdleHub] = weakref.WeakKeyDictionary()

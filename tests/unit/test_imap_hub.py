@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from airflow_provider_o365mail.exceptions import ConsentRevoked, MailServerUnavailable
+from airflow_provider_o365mail.exceptions import ConsentRevoked, MailAuthenticationError, MailServerUnavailable
 from airflow_provider_o365mail.imap.hub import FolderWatch, IdleHub
 from airflow_provider_o365mail.imap.idle import IdleUnsupported, ImapEndpoint
 from airflow_provider_o365mail.retry import Backoff
@@ -63,8 +63,9 @@ class FakeServer:
         await asyncio.wait_for(self.selected.wait(), 5)
         self.selected.clear()
 
-    def token_source(self) -> Token:
+    def token_source(self, *, force_refresh: bool = False) -> Token:
         self.tokens_fetched += 1
+        self.forced = getattr(self, "forced", 0) + int(force_refresh)
         return Token()
 
 
@@ -319,5 +320,29 @@ def test_a_loop_that_ended_with_its_last_waiter_is_started_again_by_the_next():
         await asyncio.wait_for(server.selected.wait(), 5)
         assert server.active == 1 and server.sessions == 2
         again.close()
+
+    run(scenario())
+
+
+def test_a_refused_idle_login_is_tried_once_more_with_a_refreshed_token():
+    """As for IMAP and SMTP logins: a token refused before its expiry is refreshed once; only a second
+    refusal ends the watch for every waiter."""
+
+    async def scenario():
+        server = FakeServer()
+        hub = hub_for(server)
+        sub = hub.subscribe(KEY, "INBOX", lambda: ENDPOINT, server.token_source)
+        wait = asyncio.ensure_future(sub.wait(sub.generation, 10))
+        await server.fail(MailAuthenticationError("AUTHENTICATE failed"))
+        await server.push()  # the session with the refreshed token works
+        assert await wait == "push"
+        assert server.forced == 1 and server.sessions == 2
+        again = asyncio.ensure_future(sub.wait(sub.generation, 11))
+        await server.fail(MailAuthenticationError("AUTHENTICATE failed"))
+        await server.fail(MailAuthenticationError("AUTHENTICATE failed again"))
+        with pytest.raises(MailAuthenticationError, match="again"):
+            await again
+        assert server.forced == 2
+        sub.close()
 
     run(scenario())
