@@ -274,6 +274,13 @@ def test_token_checks(o365_sandbox, graph, alex):
     control_message(graph, alex)
 
 
+def test_unknown_paths_and_methods_answer_in_graphs_shape(o365_sandbox, graph, alex):
+    session = graph.session
+    assert_graph_error(session.get(f"{o365_sandbox.graph_url}/beta/me/messages", timeout=30), 400, "BadRequest")
+    assert_graph_error(graph.get("me/nonsense", alex), 400, "BadRequest")
+    assert_graph_error(graph.get("me/sendMail", alex), 405, "Request_BadRequest")
+
+
 def test_app_only_token_without_roles_and_access_policy(o365_sandbox, o365_admin, graph):
     sbx = o365_sandbox
     token = app_token(sbx)

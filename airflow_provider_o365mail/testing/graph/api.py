@@ -103,4 +103,11 @@ def routes(
 
         return await gateway.run(request, operation, admit, work, body_limit=settings.max_request_bytes)
 
-    return [Route("/v1.0/{path:path}", endpoint, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])]
+    async def other_version(request: Request) -> Response:
+        version = request.url.path.strip("/").split("/")[0]
+        return failure(RequestIds.of(request), errors.GraphError(400, "BadRequest", f"Invalid version: {version}"))
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    return [Route("/v1.0/{path:path}", endpoint, methods=methods)], Route(
+        "/{path:path}", other_version, methods=methods
+    )

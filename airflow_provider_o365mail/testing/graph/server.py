@@ -88,10 +88,9 @@ def build_app(state_dir: Path) -> tuple[Any, dict]:
     )
     verifier = TokenVerifier(config["tenant_id"], fetch_keys, tenant.now)
     upload_root = f"https://{UPLOAD_HOST}:{config['graph_upload_port']}"
-    graph_app = Starlette(
-        routes=api.routes(verifier, service, gateway, settings, lambda: upload_root)
-        + admin_api.routes(config["admin_key"], service, settings, limits, faults, gateway)
-    )
+    graph_routes, catch_all = api.routes(verifier, service, gateway, settings, lambda: upload_root)
+    admin_routes = admin_api.routes(config["admin_key"], service, settings, limits, faults, gateway)
+    graph_app = Starlette(routes=[*graph_routes, *admin_routes, catch_all])
     upload_app = Starlette(
         routes=upload_host.routes(service, uploads, gateway, settings, tenant.now, lambda: f"{upload_root}/api/v2.0")
     )
