@@ -286,3 +286,90 @@ def test_scopes_of_several_resources_at_authorize_but_one_at_the_token_endpoint(
     aliases = scopes.parse("https://outlook.office.com/SMTP.Send https://outlook.office365.com/IMAP.AccessAsUser.All")
     assert aliases.permissions == frozenset({"SMTP.Send", "IMAP.AccessAsUser.All"})
     assert scopes.parse_per_resource("openid profile")[0].resource is None
+
+
+# ---------------------------------------------------------------------- tenant and permissions
+@pytest.fixture
+def tenant(tmp_path):
+    import json
+
+    from airflow_provider_o365mail.testing.graph.tenant import MailboxSettings, Tenant
+
+    users = {
+        "alex@x.test": {"oid": "oid-alex", "display_name": "Alex"},
+        "blair@x.test": {"oid": "oid-blair", "display_name": "Blair"},
+        "shared@x.test": {"oid": "oid-shared", "display_name": "Shared"},
+        "nomail@x.test": {"oid": "oid-nomail", "display_name": "No Mailbox"},
+    }
+    (tmp_path / "directory.json").write_text(json.dumps({"users": users, "settings": {"clock_offset": 100}}))
+    seed = {
+        "alex@x.test": MailboxSettings(),
+        "blair@x.test": MailboxSettings(),
+        "shared@x.test": MailboxSettings(send_as=["alex@x.test"], full_access=["alex@x.test"]),
+    }
+    return Tenant(tmp_path / "directory.json", "x.test", seed)
+
+
+def service_for(tenant):
+    from airflow_provider_o365mail.testing.graph.service import GraphService
+
+    return GraphService(tenant, None, None, None, GraphSettings(), tenant_id=TENANT, id_domain="d")  # type: ignore[arg-type]
+
+
+def test_mailbox_resolution(tenant):
+    assert tenant.resolve("ALEX@x.test").address == "alex@x.test" and tenant.resolve("oid-blair").oid == "oid-blair"
+    assert code_of(lambda: tenant.resolve("ghost@x.test")) == (404, "ErrorInvalidUser")
+    assert code_of(lambda: tenant.resolve("nomail@x.test")) == (404, "MailboxNotEnabledForRESTAPI")
+    tenant.update_mailbox("alex@x.test", rest_enabled=False)
+    assert code_of(lambda: tenant.resolve("alex@x.test")) == (404, "MailboxNotEnabledForRESTAPI")
+    assert abs(tenant.now() - time.time() - 100) < 5
+    with pytest.raises(ValueError):
+        tenant.update_mailbox("blair@x.test", max_send_size=151 * 1024 * 1024)
+    tenant.reset()
+    assert tenant.resolve("alex@x.test").settings.rest_enabled
+
+
+def test_permission_matrix(tenant):
+    from airflow_provider_o365mail.testing.graph.tokens import Caller
+
+    service = service_for(tenant)
+    alex, shared = tenant.resolve("alex@x.test"), tenant.resolve("shared@x.test")
+    delegated = Caller("app", True, frozenset({"Mail.Send", "Mail.ReadWrite"}), upn="alex@x.test")
+    shared_scopes = Caller("app", True, frozenset({"Mail.Send.Shared", "Mail.ReadWrite.Shared"}), upn="alex@x.test")
+    blair = Caller("app", True, frozenset({"Mail.Send.Shared"}), upn="blair@x.test")
+    app = Caller("app", False, frozenset({"Mail.Send"}))
+    service.authorize(delegated, alex, "sendMail")
+    service.authorize(delegated, alex, "createUploadSession")
+    service.authorize(delegated, alex, "listMessages")  # Mail.ReadWrite reads too
+    send_only = Caller("app", True, frozenset({"Mail.Send"}), upn="alex@x.test")
+    assert code_of(lambda: service.authorize(send_only, alex, "listMessages")) == (403, "ErrorAccessDenied")
+    assert code_of(lambda: service.authorize(delegated, shared, "sendMail")) == (403, "ErrorAccessDenied")
+    service.authorize(shared_scopes, shared, "sendMail")  # .Shared scope and Full Access
+    assert code_of(lambda: service.authorize(shared_scopes, shared, "createUploadSession")) == (
+        403,
+        "ErrorAccessDenied",
+    )
+    assert code_of(lambda: service.authorize(blair, shared, "sendMail")) == (403, "ErrorAccessDenied")  # no Full Access
+    service.authorize(app, shared, "sendMail")
+    assert code_of(lambda: service.authorize(app, shared, "createMessage")) == (403, "ErrorAccessDenied")
+    tenant.set_access_policy("app", ["alex@x.test"])
+    assert code_of(lambda: service.authorize(app, shared, "sendMail")) == (403, "ErrorAccessDenied")
+    assert code_of(lambda: service.mailbox(app, None)) == (400, "BadRequest")
+
+
+def test_send_rights(tenant):
+    from airflow_provider_o365mail.testing.graph.tokens import Caller
+
+    service = service_for(tenant)
+    alex, blair = tenant.resolve("alex@x.test"), tenant.resolve("blair@x.test")
+    with_shared = Caller("app", True, frozenset({"Mail.Send", "Mail.Send.Shared"}), upn="alex@x.test")
+    without_shared = Caller("app", True, frozenset({"Mail.Send"}), upn="alex@x.test")
+    assert service._sender_for(with_shared, alex, None) is None
+    assert service._sender_for(with_shared, alex, "shared@x.test") is None  # Send As: no Sender header
+    assert code_of(lambda: service._sender_for(without_shared, alex, "shared@x.test")) == (403, "ErrorSendAsDenied")
+    assert code_of(lambda: service._sender_for(with_shared, alex, "blair@x.test")) == (403, "ErrorSendAsDenied")
+    tenant.update_mailbox("shared@x.test", send_as=[], send_on_behalf=["alex@x.test"])
+    assert service._sender_for(with_shared, alex, "shared@x.test") == ("Alex", "alex@x.test")
+    app = Caller("app", False, frozenset({"Mail.Send"}))
+    assert code_of(lambda: service._sender_for(app, blair, "alex@x.test")) == (403, "ErrorSendAsDenied")
+    assert service._sender_for(app, alex, "shared@x.test") == ("Alex", "alex@x.test")
