@@ -44,10 +44,8 @@ def token_post(sbx, **form) -> requests.Response:
     return tls_session(sbx.ca_file).post(f"{sbx.authority}/oauth2/v2.0/token", data=form, timeout=30)
 
 
-def delegated_token(sbx, scope: str = GRAPH_DELEGATED_SCOPES, refresh_token: str | None = None) -> str:
-    response = token_post(
-        sbx, grant_type="refresh_token", refresh_token=refresh_token or sbx.refresh_token, scope=scope
-    )
+def delegated_token(sbx, refresh_token: str, scope: str = GRAPH_DELEGATED_SCOPES) -> str:
+    response = token_post(sbx, grant_type="refresh_token", refresh_token=refresh_token, scope=scope)
     assert response.status_code == 200, response.text
     return response.json()["access_token"]
 
@@ -70,9 +68,15 @@ def claims(token: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def alex(o365_sandbox) -> str:
+def grant(o365_sandbox) -> str:
+    """A fresh grant of the sandbox user for this module (other modules may revoke older refresh tokens)."""
+    return o365_sandbox.new_refresh_token()
+
+
+@pytest.fixture(scope="module")
+def alex(o365_sandbox, grant) -> str:
     """A delegated Graph token of the sandbox user (Mail.Send, Mail.ReadWrite, the .Shared ones)."""
-    return delegated_token(o365_sandbox)
+    return delegated_token(o365_sandbox, grant)
 
 
 @pytest.fixture
@@ -243,11 +247,11 @@ def test_one_consent_for_exchange_and_graph_then_one_resource_per_redemption(o36
 
 
 # ====================================================================== authentication and authorization
-def test_token_checks(o365_sandbox, graph, alex):
+def test_token_checks(o365_sandbox, grant, graph, alex):
     sbx = o365_sandbox
     crid = str(uuid.uuid4())
     assert_graph_error(graph.send(""), 401, "InvalidAuthenticationToken")
-    exchange = delegated_token(sbx, scope=DELEGATED_SCOPES)
+    exchange = delegated_token(sbx, grant, scope=DELEGATED_SCOPES)
     error = assert_graph_error(
         graph.post("me/sendMail", exchange, json={"message": {}}, headers={"client-request-id": crid}),
         401,
@@ -265,9 +269,9 @@ def test_token_checks(o365_sandbox, graph, alex):
     expired = sbx.admin().mint_access_token(sbx.user, audience=GRAPH_APP_ID, scp="Mail.Send", lifetime=-600)
     assert_graph_error(graph.send(expired), 401, "InvalidAuthenticationToken")
 
-    read_write_only = delegated_token(sbx, scope=f"{GRAPH}/Mail.ReadWrite")
+    read_write_only = delegated_token(sbx, grant, scope=f"{GRAPH}/Mail.ReadWrite")
     assert_graph_error(graph.send(read_write_only), 403, "ErrorAccessDenied")
-    send_only = delegated_token(sbx, scope=f"{GRAPH}/Mail.Send")
+    send_only = delegated_token(sbx, grant, scope=f"{GRAPH}/Mail.Send")
     assert_graph_error(graph.post("me/messages", send_only, json={"subject": "x"}), 403, "ErrorAccessDenied")
     error = assert_graph_error(graph.send(app_token(sbx)), 400, "BadRequest")
     assert "/me request is only valid with delegated authentication flow" in error["message"]
@@ -565,7 +569,7 @@ def test_upload_session_rules(o365_sandbox, o365_admin, graph, alex):
 
 
 # ====================================================================== Sent Items lookup covers SMTP too
-def test_sent_items_lookup_finds_mail_sent_over_smtp(o365_sandbox, graph, alex):
+def test_sent_items_lookup_finds_mail_sent_over_smtp(o365_sandbox, grant, graph, alex):
     import smtplib
     import ssl
 
@@ -589,7 +593,7 @@ def test_sent_items_lookup_finds_mail_sent_over_smtp(o365_sandbox, graph, alex):
     wait_arrived(sbx, sbx.user, message_id, "Sent Items")
     [found] = graph.sent_items(alex, message_id)
     assert found["internetMessageId"] == message_id and set(found) == {"@odata.etag", "id", "internetMessageId"}
-    send_only = delegated_token(sbx, scope=f"{GRAPH}/Mail.Send")
+    send_only = delegated_token(sbx, grant, scope=f"{GRAPH}/Mail.Send")
     response = graph.get(
         "me/mailFolders/SentItems/messages", send_only, params={"$filter": f"internetMessageId eq '{message_id}'"}
     )
