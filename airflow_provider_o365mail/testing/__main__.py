@@ -22,7 +22,7 @@ def _state_dir_of(env_file: Path | None) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m airflow_provider_o365mail.testing",
-        description="Local Microsoft 365 sandbox: Entra ID stand-in, Dovecot IMAP, Postfix submission.",
+        description="Local Microsoft 365 sandbox: Entra ID and Microsoft Graph stand-ins, Dovecot IMAP, Postfix submission.",
     )
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--env-file", type=Path, help="where 'up' writes KEY=value lines (shell- and Python-readable)")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         info = sandbox.up(args.env_file)
         print(
             f"sandbox up in {time.monotonic() - started:.1f} s: Entra ID {info.idp_url}, "
-            f"IMAP 127.0.0.1:{info.imap_port}, SMTP 127.0.0.1:{info.smtp_port}, user {info.user}"
+            f"IMAP 127.0.0.1:{info.imap_port}, SMTP 127.0.0.1:{info.smtp_port}, Graph {info.graph_url}, user {info.user}"
             + (f"; env file {args.env_file}" if args.env_file else "")
         )
     elif args.command == "down":

@@ -24,8 +24,11 @@ def tls_session(ca_file: str) -> requests.Session:
 class SandboxAdmin:
     """Drive the Entra ID stand-in: revoke consent, expire tokens, inject faults, count requests."""
 
-    def __init__(self, base_url: str, admin_key: str, ca_file: str, tenant: str) -> None:
+    def __init__(
+        self, base_url: str, admin_key: str, ca_file: str, tenant: str, *, graph_url: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.graph_url = graph_url.rstrip("/") if graph_url else None
         self.tenant = tenant
         self._session = tls_session(ca_file)
         self._session.headers["X-Sandbox-Admin-Key"] = admin_key
@@ -58,8 +61,10 @@ class SandboxAdmin:
     def consent(self, upn: str, client_id: str, scope: str) -> dict:
         return self._call("POST", "consent", {"upn": upn, "client_id": client_id, "scope": scope})
 
-    def revoke_consent(self, upn: str, client_id: str) -> bool:
-        return self._call("POST", f"users/{upn}/revoke-consent", {"client_id": client_id})["removed"]
+    def revoke_consent(self, upn: str, client_id: str, resource: str | None = None) -> bool:
+        """Remove the user's consent to the app; with ``resource`` (e.g. Graph's), only that API's permissions."""
+        payload = {"client_id": client_id, "resource": resource}
+        return self._call("POST", f"users/{upn}/revoke-consent", payload)["removed"]
 
     def revoke_sessions(self, upn: str) -> None:
         self._call("POST", f"users/{upn}/revoke-sessions")
@@ -96,6 +101,15 @@ class SandboxAdmin:
 
     def add_redirect_uri(self, client_id: str, redirect_uri: str) -> None:
         self._call("POST", f"apps/{client_id}/redirect-uris", {"redirect_uri": redirect_uri})
+
+    def set_app_roles(self, client_id: str, resource: str, roles: list[str]) -> dict:
+        """Application permissions with admin consent on ``resource`` (``[]``: none; client credentials' ``roles``)."""
+        return self._call("POST", f"apps/{client_id}/app-roles", {"resource": resource, "roles": roles})
+
+    def set_delegated_permissions(self, client_id: str, resource: str, permissions: list[str]) -> dict:
+        """The delegated permissions the app registration lists on ``resource`` (what ``/.default`` requests)."""
+        payload = {"resource": resource, "permissions": permissions}
+        return self._call("POST", f"apps/{client_id}/delegated-permissions", payload)
 
     # -- faults
     def set_public_client(self, client_id: str, allowed: bool) -> None:
@@ -259,3 +273,91 @@ class SandboxAdmin:
         if response.status_code != 200:
             raise RuntimeError(f"code redemption failed: {response.json().get('error_description')}")
         return response.json()["refresh_token"]
+
+    # -- the Microsoft Graph stand-in (its own host: ``graph_url``)
+    def _graph(self, method: str, path: str, payload: dict | None = None) -> Any:
+        if not self.graph_url:
+            raise RuntimeError("this sandbox has no Graph stand-in (an env file from before it: run 'up' again)")
+        response = self._session.request(
+            method, f"{self.graph_url}/_sandbox/admin/graph/{path}", json=payload, timeout=30
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def graph_state(self) -> dict:
+        """Settings, limits, per-mailbox counters, mailbox rights, access policies, pending and fired faults."""
+        return self._graph("GET", "state")
+
+    def graph_counters(self, mailbox: str | None = None, app_id: str | None = None) -> dict:
+        """``requests``, ``throttled``, ``in_flight``, ``peak_concurrency``, ``uploaded_bytes``, ``by_operation``
+        of a mailbox (all apps) or, with ``app_id``, of that app on it; without ``mailbox`` all of them."""
+        counters = self.graph_state()["counters"]
+        if mailbox is None:
+            return counters
+        key = f"{app_id}|{mailbox.lower()}" if app_id else mailbox.lower()
+        return counters.get(key, {"requests": 0, "throttled": 0, "in_flight": 0, "peak_concurrency": 0})
+
+    def graph_settings(self, **values: Any) -> dict:
+        """Change the stand-in's behaviour (``max_request_bytes``, ``upload_session_lifetime``, ...) and
+        Outlook's limits (``concurrency``, ``requests_per_window``, ``request_window``,
+        ``upload_bytes_per_window``, ``upload_window``, ``concurrency_retry_after``)."""
+        return self._graph("POST", "settings", values)
+
+    def graph_mailbox(self, address: str, **values: Any) -> dict:
+        """``rest_enabled``, ``max_send_size`` (bytes, up to 150 MB), ``send_as``, ``send_on_behalf``,
+        ``full_access`` (lists of UPNs) of a mailbox."""
+        return self._graph("POST", f"mailboxes/{address}", values)
+
+    def graph_access_policy(self, app_id: str, mailboxes: list[str] | None) -> dict:
+        """Limit an app's app-only Graph access to ``mailboxes`` (None: lift the policy)."""
+        return self._graph("POST", f"access-policies/{app_id}", {"mailboxes": mailboxes})
+
+    def graph_fault(
+        self,
+        kind: str = "error",
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        message: str | None = None,
+        retry_after: int | None = None,
+        count: int = 1,
+        operation: str | None = None,
+        mailbox: str | None = None,
+    ) -> dict:
+        """Inject a failure for the next ``count`` matching requests: ``kind`` ``error`` (answer it, do
+        nothing), ``after_delivery`` (deliver, then answer it: "504 but delivered"),
+        ``drop_after_delivery`` (deliver, then close the connection unanswered) or ``hold`` (wait
+        for :meth:`graph_release`)."""
+        payload = {
+            "kind": kind,
+            "status": status,
+            "code": code,
+            "message": message,
+            "retry_after": retry_after,
+            "count": count,
+            "operation": operation,
+            "mailbox": mailbox,
+        }
+        return self._graph("POST", "faults", payload)
+
+    def graph_throttle(self, count: int = 1, retry_after: int = 2, **match: Any) -> dict:
+        """The next ``count`` requests get 429 ``ApplicationThrottled`` with ``Retry-After``."""
+        return self.graph_fault(status=429, retry_after=retry_after, count=count, **match)
+
+    def graph_clear_faults(self) -> None:
+        self._graph("DELETE", "faults")
+
+    def graph_release(self) -> int:
+        """Let held requests go on; returns how many were held."""
+        return self._graph("POST", "release")["released"]
+
+    def graph_deliveries(self) -> list[dict]:
+        """What the stand-in delivered (Message-ID, mailbox, recipients, Sent Items or not), oldest first."""
+        return self._graph("GET", "deliveries")["deliveries"]
+
+    def graph_reset_counters(self) -> None:
+        self._graph("POST", "counters/reset")
+
+    def graph_reset(self) -> None:
+        """Documented defaults again: settings, limits, mailbox rights; no faults, counters or log."""
+        self._graph("POST", "reset")

@@ -48,6 +48,8 @@ def o365_sandbox(request: pytest.FixtureRequest):
 def o365_admin(o365_sandbox):
     admin = o365_sandbox.admin()
     admin.clear_faults()
+    if o365_sandbox.graph_url:
+        admin.graph_clear_faults()
     yield admin
     admin.clear_faults()
     if admin.mail_limits() != _default_mail_limits() or admin.smtp_state()["injections"]:
@@ -59,9 +61,18 @@ def o365_admin(o365_sandbox):
         refresh_requires_scope=False,
         reject_replayed_assertions=True,
     )
-    from airflow_provider_o365mail.testing.sandbox import DELEGATED_SCOPES
+    from airflow_provider_o365mail.testing.sandbox import (
+        DELEGATED_SCOPES,
+        GRAPH,
+        GRAPH_APP_ROLES,
+        GRAPH_DELEGATED_SCOPES,
+    )
 
     admin.consent(o365_sandbox.user, o365_sandbox.client_id, DELEGATED_SCOPES)
+    if o365_sandbox.graph_url:  # Graph: documented defaults, consent and admin consent as seeded
+        admin.graph_reset()
+        admin.consent(o365_sandbox.user, o365_sandbox.client_id, GRAPH_DELEGATED_SCOPES)
+        admin.set_app_roles(o365_sandbox.app_client_id, GRAPH, list(GRAPH_APP_ROLES))
     for upn in (o365_sandbox.user, o365_sandbox.second_user):
         admin.update_user(
             upn, mfa_required=False, blocked_by_conditional_access=False, smtp_auth_enabled=True, imap_enabled=True

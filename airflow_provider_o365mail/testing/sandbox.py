@@ -28,6 +28,14 @@ DEFAULT_STATE_DIR = Path(os.environ.get("O365_SANDBOX_STATE_DIR", f"/tmp/airflow
 DOMAIN = "o365.sandbox.test"
 DELEGATED_SCOPES = "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send"
 APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
+GRAPH = "https://graph.microsoft.com"
+#: Delegated Graph permissions the sandbox app registration lists and the sandbox user consented to
+#: (for the coming Graph transport: send, drafts and upload sessions, shared mailboxes).
+GRAPH_DELEGATED_PERMISSIONS = ("Mail.ReadWrite", "Mail.ReadWrite.Shared", "Mail.Send", "Mail.Send.Shared", "User.Read")
+GRAPH_DELEGATED_SCOPES = " ".join(f"{GRAPH}/{p}" for p in GRAPH_DELEGATED_PERMISSIONS)
+#: Application permissions on Graph with admin consent for the sandbox's daemon app.
+GRAPH_APP_ROLES = ("Mail.ReadWrite", "Mail.Send")
+GRAPH_APP_ONLY_SCOPE = f"{GRAPH}/.default"
 REDIRECT_URI = "http://localhost/o365mail/callback"
 
 
@@ -51,17 +59,25 @@ class SandboxInfo:
     shared_mailbox: str
     admin_key: str = field(repr=False)
     refresh_token: str = field(repr=False)
+    graph_port: int = 0
 
     @property
     def idp_url(self) -> str:
         return f"https://127.0.0.1:{self.idp_port}"
 
     @property
+    def graph_url(self) -> str:
+        """The Graph stand-in's root: requests go to ``{graph_url}/v1.0/...`` (empty if it has none)."""
+        return f"https://127.0.0.1:{self.graph_port}" if self.graph_port else ""
+
+    @property
     def authority(self) -> str:
         return f"{self.idp_url}/{self.tenant_id}"
 
     def admin(self) -> SandboxAdmin:
-        return SandboxAdmin(self.idp_url, self.admin_key, self.ca_file, self.tenant_id)
+        return SandboxAdmin(
+            self.idp_url, self.admin_key, self.ca_file, self.tenant_id, graph_url=self.graph_url or None
+        )
 
     def new_refresh_token(self, upn: str | None = None) -> str:
         """Consent and redeem a fresh authorization code for ``upn`` (default: the sandbox user)."""
@@ -132,6 +148,7 @@ class SandboxInfo:
             "O365_SANDBOX_SMTP_PORT": str(self.smtp_port),
             "O365_SANDBOX_CA_FILE": self.ca_file,
             "O365_SANDBOX_ADMIN_URL": self.idp_url,
+            "O365_SANDBOX_GRAPH_URL": self.graph_url,
             "O365_SANDBOX_ADMIN_KEY": self.admin_key,
             "O365_SANDBOX_REFRESH_TOKEN": self.refresh_token,
             "AIRFLOW_CONN_O365MAIL_DEFAULT": self.connection_json(),
@@ -157,6 +174,7 @@ class SandboxInfo:
             shared_mailbox=env["O365_SANDBOX_SHARED_MAILBOX"],
             admin_key=env["O365_SANDBOX_ADMIN_KEY"],
             refresh_token=env["O365_SANDBOX_REFRESH_TOKEN"],
+            graph_port=int(env["O365_SANDBOX_GRAPH_URL"].rsplit(":", 1)[1]) if env.get("O365_SANDBOX_GRAPH_URL") else 0,
         )
 
 
@@ -185,9 +203,9 @@ def read_env_file(path: Path | str) -> dict[str, str]:
     return values
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -210,6 +228,7 @@ class Sandbox:
         self.state_dir = Path(state_dir)
         self.config_file = self.state_dir / "sandbox.json"
         self.idp_pid_file = self.state_dir / "entra.pid"
+        self.graph_pid_file = self.state_dir / "graph.pid"
 
     # ------------------------------------------------------------------ configuration
     def _create_config(self) -> dict:
@@ -227,6 +246,8 @@ class Sandbox:
             "smtp_port": _free_port(),
             "lmtp_port": _free_port(),
             "milter_port": _free_port(),
+            "graph_port": _free_port(),
+            "graph_upload_port": _free_port("127.0.0.2"),
             "client_id": str(uuid.uuid4()),
             "app_client_id": str(uuid.uuid4()),
             "user": f"alex@{DOMAIN}",
@@ -254,7 +275,7 @@ class Sandbox:
                 redirect_uris=[REDIRECT_URI],
                 delegated_permissions={
                     "https://outlook.office.com": ["IMAP.AccessAsUser.All", "SMTP.Send"],
-                    "https://graph.microsoft.com": ["User.Read"],
+                    GRAPH: list(GRAPH_DELEGATED_PERMISSIONS),
                 },
                 secrets=[secret],
             )
@@ -266,13 +287,17 @@ class Sandbox:
                 redirect_uris=[],
                 delegated_permissions={},
                 secrets=[app_secret],
-                app_roles={"https://outlook.office.com": ["IMAP.AccessAsApp", "SMTP.SendAsApp"]},
+                app_roles={
+                    "https://outlook.office.com": ["IMAP.AccessAsApp", "SMTP.SendAsApp"],
+                    GRAPH: list(GRAPH_APP_ROLES),
+                },
                 mailbox_permissions=[config["user"]],
             )
         )
         directory.grant_consent(
             config["user"], config["client_id"], "https://outlook.office.com", ["IMAP.AccessAsUser.All", "SMTP.Send"]
         )
+        directory.grant_consent(config["user"], config["client_id"], GRAPH, list(GRAPH_DELEGATED_PERMISSIONS))
         config["client_secret"] = secret.value
         config["app_client_secret"] = app_secret.value
 
@@ -281,6 +306,9 @@ class Sandbox:
             config = json.loads(self.config_file.read_text())
             if "milter_port" not in config:  # a state directory from before the milter
                 config["milter_port"] = _free_port()
+                self.config_file.write_text(json.dumps(config, indent=1))
+            if "graph_port" not in config:  # from before the Graph stand-in: its ports, its permissions at `up`
+                config.update(graph_port=_free_port(), graph_upload_port=_free_port("127.0.0.2"), graph_migrate=True)
                 self.config_file.write_text(json.dumps(config, indent=1))
             return config
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -313,47 +341,89 @@ class Sandbox:
         )
 
     # ------------------------------------------------------------------ processes
-    def _idp_pid(self) -> int | None:
+    @staticmethod
+    def _pid_in(pid_file: Path) -> int | None:
         try:
-            pid = int(self.idp_pid_file.read_text())
+            pid = int(pid_file.read_text())
             os.kill(pid, 0)
             return pid
         except (OSError, ValueError):
             return None
 
-    def _start_idp(self, config: dict) -> None:
+    def _idp_pid(self) -> int | None:
+        return self._pid_in(self.idp_pid_file)
+
+    def _graph_pid(self) -> int | None:
+        return self._pid_in(self.graph_pid_file)
+
+    def _start_service(
+        self, what: str, name: str, module_args: list[str], pid_file: Path, health_url: str, ca_file: str
+    ) -> None:
+        """Start ``python -m <module_args>`` (unless its PID file names a live process) and wait for its health URL."""
         process = None
-        if self._idp_pid() is None:
-            with open(self.state_dir / "entra.log", "ab") as log:
+        log_file = self.state_dir / f"{name}.log"
+        if self._pid_in(pid_file) is None:
+            with open(log_file, "ab") as log:
                 process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "airflow_provider_o365mail.testing.entra.server",
-                        "--state-dir",
-                        str(self.state_dir),
-                        "--port",
-                        str(config["idp_port"]),
-                    ],
+                    [sys.executable, "-m", *module_args],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
                     cwd=self.state_dir,
                 )
-            self.idp_pid_file.write_text(str(process.pid))
-        session = tls_session(config["ca_file"])
+            pid_file.write_text(str(process.pid))
+        session = tls_session(ca_file)
         deadline = time.monotonic() + 30
         while True:
             try:
-                session.get(f"https://127.0.0.1:{config['idp_port']}/_sandbox/health", timeout=2).raise_for_status()
+                session.get(health_url, timeout=2).raise_for_status()
                 return
             except (requests.RequestException, ssl.SSLError):
                 died = process is not None and process.poll() is not None
-                if died or time.monotonic() > deadline or self._idp_pid() is None:
-                    tail = (self.state_dir / "entra.log").read_text()[-3000:]
-                    raise RuntimeError(f"the Entra ID stand-in did not start:\n{tail}") from None
+                if died or time.monotonic() > deadline or self._pid_in(pid_file) is None:
+                    tail = log_file.read_text()[-3000:]
+                    raise RuntimeError(f"{what} did not start:\n{tail}") from None
                 time.sleep(0.1)
+
+    def _start_idp(self, config: dict) -> None:
+        self._start_service(
+            "the Entra ID stand-in",
+            "entra",
+            [
+                "airflow_provider_o365mail.testing.entra.server",
+                "--state-dir",
+                str(self.state_dir),
+                "--port",
+                str(config["idp_port"]),
+            ],
+            self.idp_pid_file,
+            f"https://127.0.0.1:{config['idp_port']}/_sandbox/health",
+            config["ca_file"],
+        )
+
+    def _start_graph(self, config: dict) -> None:
+        self._start_service(
+            "the Microsoft Graph stand-in",
+            "graph",
+            ["airflow_provider_o365mail.testing.graph.server", "--state-dir", str(self.state_dir)],
+            self.graph_pid_file,
+            f"https://127.0.0.1:{config['graph_port']}/_sandbox/health",
+            config["ca_file"],
+        )
+
+    def _migrate_graph_permissions(self, config: dict) -> None:
+        """A tenant created before the Graph stand-in gets the Graph permissions a new one is seeded with."""
+        if not config.get("graph_migrate"):
+            return
+        admin = SandboxAdmin(
+            f"https://127.0.0.1:{config['idp_port']}", config["admin_key"], config["ca_file"], config["tenant_id"]
+        )
+        admin.set_delegated_permissions(config["client_id"], GRAPH, list(GRAPH_DELEGATED_PERMISSIONS))
+        admin.set_app_roles(config["app_client_id"], GRAPH, list(GRAPH_APP_ROLES))
+        admin.consent(config["user"], config["client_id"], GRAPH_DELEGATED_SCOPES)
+        del config["graph_migrate"]
+        self.config_file.write_text(json.dumps(config, indent=1))
 
     def _check_traversable(self) -> None:
         """Dovecot and Postfix run as their own users: every parent of the state dir must be searchable."""
@@ -378,6 +448,8 @@ class Sandbox:
         mailservers.start_postfix(mail)
         _wait_for_port(config["imap_port"], "Dovecot IMAP", mail.dovecot_dir / "dovecot.log")
         _wait_for_port(config["smtp_port"], "Postfix submission", mail.postfix_dir / "postfix.log")
+        self._migrate_graph_permissions(config)
+        self._start_graph(config)
         info = self._info(config)
         if env_file is not None:
             write_env_file(Path(env_file), info.env())
@@ -401,6 +473,7 @@ class Sandbox:
             shared_mailbox=config["shared_mailbox"],
             admin_key=config["admin_key"],
             refresh_token="",
+            graph_port=config["graph_port"],
         )
         refresh_token = partial.admin().new_refresh_token(
             client_id=config["client_id"],
@@ -413,28 +486,33 @@ class Sandbox:
 
     def running(self) -> dict[str, int | None]:
         if not self.config_file.exists():
-            return {"entra": None, "dovecot": None, "postfix": None, "milter": None}
+            return {"entra": None, "graph": None, "dovecot": None, "postfix": None, "milter": None}
         mail = self.mail_config(json.loads(self.config_file.read_text()))
         return {
             "entra": self._idp_pid(),
+            "graph": self._graph_pid(),
             "dovecot": mailservers.dovecot_pid(mail),
             "postfix": mailservers.postfix_pid(mail),
             "milter": mailservers.milter_pid(mail),
         }
 
-    def down(self, purge: bool = False) -> None:
-        if self.config_file.exists():
-            mail = self.mail_config(json.loads(self.config_file.read_text()))
-            mailservers.stop(mail)
-        pid = self._idp_pid()
+    def _stop_service(self, pid_file: Path) -> None:
+        pid = self._pid_in(pid_file)
         if pid is not None:
             os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self._idp_pid() is not None:
+            while time.monotonic() < deadline and self._pid_in(pid_file) is not None:
                 time.sleep(0.05)
-            if self._idp_pid() is not None:
+            if self._pid_in(pid_file) is not None:
                 os.killpg(pid, signal.SIGKILL)
-        self.idp_pid_file.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
+
+    def down(self, purge: bool = False) -> None:
+        self._stop_service(self.graph_pid_file)
+        if self.config_file.exists():
+            mail = self.mail_config(json.loads(self.config_file.read_text()))
+            mailservers.stop(mail)
+        self._stop_service(self.idp_pid_file)
         if purge:
             import shutil
 

@@ -146,7 +146,7 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
             for name in ("client_id", "response_type", "redirect_uri", "scope"):
                 if not q.get(name):
                     raise errors.missing_parameter(name)
-            app_reg, scope_request = directory.check_authorize_request(q["client_id"], q["redirect_uri"], q["scope"])
+            app_reg, scope_requests = directory.check_authorize_request(q["client_id"], q["redirect_uri"], q["scope"])
         except AadstsError as exc:
             # Like Microsoft: an untrusted redirect URI is never redirected to; show the error.
             return HTMLResponse(pages.error_page("Sign in to your account", exc.body()), status_code=exc.status)
@@ -172,7 +172,7 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
             user is not None
             and user.auto_approve
             and prompt not in ("login", "consent", "select_account")
-            and not directory.needs_consent(user.upn, app_reg, scope_request)
+            and not directory.needs_consent(user.upn, app_reg, scope_requests)
         ):
             if user.blocked_by_conditional_access:
                 return _error_redirect(q["redirect_uri"], errors.conditional_access_blocked(), q.get("state"))
@@ -185,8 +185,11 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
             )
         flow_id = secrets.token_urlsafe(24)
         pending[flow_id] = flow
-        _, wanted = directory.requested_permissions(app_reg, scope_request)
-        shown = scope_request.qualified(wanted) + sorted(scope_request.oidc)
+        shown = []
+        for scope_request in scope_requests:
+            _, wanted = directory.requested_permissions(app_reg, scope_request)
+            shown += scope_request.qualified(wanted)
+        shown += sorted(scope_requests[0].oidc)
         return HTMLResponse(
             pages.sign_in_page(flow_id=flow_id, app_name=app_reg.name, permissions=shown, login_hint=hint)
         )
@@ -417,8 +420,22 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
     @app.post("/_sandbox/admin/users/{upn}/revoke-consent")
     async def revoke_consent(upn: str, request: Request) -> JSONResponse:
         require_admin(request)
-        client_id = (await request.json())["client_id"]
-        return JSONResponse({"removed": directory.revoke_consent(upn, client_id)})
+        payload = await request.json()
+        return JSONResponse({"removed": directory.revoke_consent(upn, payload["client_id"], payload.get("resource"))})
+
+    @app.post("/_sandbox/admin/apps/{client_id}/delegated-permissions")
+    async def set_delegated_permissions(client_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        payload = await request.json()
+        app_reg = directory.set_delegated_permissions(client_id, payload["resource"], list(payload["permissions"]))
+        return JSONResponse({"delegated_permissions": app_reg.delegated_permissions})
+
+    @app.post("/_sandbox/admin/apps/{client_id}/app-roles")
+    async def set_app_roles(client_id: str, request: Request) -> JSONResponse:
+        require_admin(request)
+        payload = await request.json()
+        app_reg = directory.set_app_roles(client_id, payload["resource"], list(payload["roles"]))
+        return JSONResponse({"app_roles": app_reg.app_roles})
 
     @app.post("/_sandbox/admin/users/{upn}/revoke-sessions")
     async def revoke_sessions(upn: str, request: Request) -> JSONResponse:
@@ -481,13 +498,10 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
         require_admin(request)
         payload = await request.json()
         app_reg = directory.app(payload["client_id"])
-        _, scope_request = directory.check_authorize_request(
-            app_reg.client_id, app_reg.redirect_uris[0], payload["scope"]
-        )
-        resource, wanted = directory.requested_permissions(app_reg, scope_request)
-        grant = directory.grant_consent(
-            payload["upn"], app_reg.client_id, resource or "https://graph.microsoft.com", sorted(wanted)
-        )
+        grant = None
+        for scope_request in scopes.parse_per_resource(payload["scope"]):
+            resource, wanted = directory.requested_permissions(app_reg, scope_request)
+            grant = directory.grant_consent(payload["upn"], app_reg.client_id, resource or scopes.GRAPH, sorted(wanted))
         return JSONResponse(asdict(grant))
 
     @app.post("/_sandbox/admin/apps/{client_id}/redirect-uris")

@@ -373,12 +373,37 @@ class Directory:
             self.save()
             return user
 
-    def revoke_consent(self, upn: str, client_id: str) -> bool:
-        """As when the user removes the app at myapps.microsoft.com."""
+    def revoke_consent(self, upn: str, client_id: str, resource: str | None = None) -> bool:
+        """As when the user removes the app at myapps.microsoft.com; with ``resource``, only that API's
+        permissions go (as when an admin deletes one delegated permission grant): refreshes for it
+        then fail with AADSTS65001 while the other resources keep working."""
         with self._lock:
-            removed = self.grants.pop(self._grant_key(upn, client_id), None) is not None
+            key = self._grant_key(upn, client_id)
+            if resource is None:
+                removed = self.grants.pop(key, None) is not None
+            else:
+                grant = self.grants.get(key)
+                removed = (
+                    grant is not None and grant.permissions.pop(scopes.canonical_resource(resource), None) is not None
+                )
             self.save()
             return removed
+
+    def set_delegated_permissions(self, client_id: str, resource: str, permissions: list[str]) -> App:
+        """The delegated permissions the app registration lists on ``resource`` (what ``/.default`` asks for)."""
+        with self._lock:
+            app = self.app(client_id)
+            app.delegated_permissions[scopes.canonical_resource(resource)] = sorted(set(permissions))
+            self.save()
+            return app
+
+    def set_app_roles(self, client_id: str, resource: str, roles: list[str]) -> App:
+        """Application permissions with admin consent on ``resource`` (client credentials ``roles``)."""
+        with self._lock:
+            app = self.app(client_id)
+            app.app_roles[scopes.canonical_resource(resource)] = sorted(set(roles))
+            self.save()
+            return app
 
     def revoke_sessions(self, upn: str) -> None:
         """As ``revokeSignInSessions``: every refresh token issued so far dies (AADSTS50173)."""
@@ -638,14 +663,16 @@ class Directory:
         return jwt.PyJWK(keys[kid]).key
 
     # ----------------------------------------------------------------- authorize
-    def check_authorize_request(self, client_id: str, redirect_uri: str, scope: str) -> tuple[App, scopes.ScopeRequest]:
+    def check_authorize_request(
+        self, client_id: str, redirect_uri: str, scope: str
+    ) -> tuple[App, list[scopes.ScopeRequest]]:
+        """The app and the scope split per resource: ``/authorize`` may ask consent for several APIs."""
         app = self.apps.get(client_id)
         if app is None:
             raise errors.application_not_found(client_id, self.tenant_id)
         if not redirect_uri_registered(app, redirect_uri):
             raise errors.redirect_uri_mismatch(redirect_uri, client_id)
-        request = scopes.parse(scope)
-        return app, request
+        return app, scopes.parse_per_resource(scope)
 
     def requested_permissions(self, app: App, request: scopes.ScopeRequest) -> tuple[str | None, set[str]]:
         if request.resource is None:
@@ -655,12 +682,15 @@ class Directory:
             return resource, set(app.delegated_permissions.get(resource, []))
         return resource, set(request.permissions)
 
-    def needs_consent(self, upn: str, app: App, request: scopes.ScopeRequest) -> bool:
-        resource, wanted = self.requested_permissions(app, request)
+    def needs_consent(self, upn: str, app: App, requests: list[scopes.ScopeRequest]) -> bool:
         grant = self.grant_for(upn, app.client_id)
         if grant is None:
             return True
-        return resource is not None and not wanted <= set(grant.permissions.get(resource, []))
+        for request in requests:
+            resource, wanted = self.requested_permissions(app, request)
+            if resource is not None and not wanted <= set(grant.permissions.get(resource, [])):
+                return True
+        return False
 
     def sign_in(self, upn: str, password: str) -> User:
         user = self.users.get(upn.lower())
@@ -680,12 +710,10 @@ class Directory:
         code_challenge_method: str | None,
         nonce: str | None,
     ) -> str:
-        request = scopes.parse(scope)
-        resource, wanted = self.requested_permissions(app, request)
-        if resource is not None:
-            self.grant_consent(user.upn, app.client_id, resource, sorted(wanted))
-        else:
-            self.grant_consent(user.upn, app.client_id, scopes.GRAPH, [])
+        # Consent for every resource asked (the token endpoint later redeems one resource at a time).
+        for request in scopes.parse_per_resource(scope):
+            resource, wanted = self.requested_permissions(app, request)
+            self.grant_consent(user.upn, app.client_id, resource or scopes.GRAPH, sorted(wanted) if resource else [])
         code = "1.A" + secrets.token_urlsafe(48)
         with self._lock:
             self._codes[code] = AuthCode(

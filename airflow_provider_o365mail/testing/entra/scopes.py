@@ -39,26 +39,44 @@ def canonical_resource(resource: str) -> str:
     return EXCHANGE if resource in EXCHANGE_ALIASES else resource
 
 
+def _split(item: str) -> tuple[str, str]:
+    """``https://host/Perm`` -> (``https://host``, ``Perm``); an unprefixed scope is Microsoft Graph's."""
+    if item.startswith(("https://", "api://")) and "/" in item[8:]:
+        resource, _, perm = item.rpartition("/")
+        return resource, perm
+    return GRAPH, item
+
+
 def parse(scope: str | None) -> ScopeRequest:
-    """Split a scope string; more than one resource is AADSTS28000, as at Microsoft."""
+    """Split a scope string; more than one resource is AADSTS28000, as at Microsoft's token endpoint."""
+    requests = parse_per_resource(scope)
+    if len(requests) > 1:
+        raise errors.multiple_resources()
+    return requests[0]
+
+
+def parse_per_resource(scope: str | None) -> list[ScopeRequest]:
+    """One request per resource, each with the OIDC scopes: what ``/authorize`` accepts.
+
+    At ``/authorize`` "the scopes can cover multiple resources" to get consent for several web APIs
+    at once (v2 auth code flow docs); only the token endpoint needs a single resource. Never empty:
+    OIDC scopes alone give one request without a resource.
+    """
     oidc: set[str] = set()
-    resources: set[str] = set()
-    permissions: set[str] = set()
-    default = False
+    per_resource: dict[str, tuple[str, set[str], list[bool]]] = {}
     for item in (scope or "").split():
         if item.lower() in OIDC_SCOPES:
             oidc.add(item.lower())
             continue
-        if item.startswith(("https://", "api://")) and "/" in item[8:]:
-            resource, _, perm = item.rpartition("/")
-        else:
-            resource, perm = GRAPH, item
-        resources.add(resource)
+        resource, perm = _split(item)
+        _, permissions, default = per_resource.setdefault(canonical_resource(resource), (resource, set(), [False]))
         if perm == ".default":
-            default = True
+            default[0] = True
         else:
             permissions.add(perm)
-    if len({canonical_resource(r) for r in resources}) > 1:
-        raise errors.multiple_resources()
-    resource = next(iter(resources)) if resources else None
-    return ScopeRequest(frozenset(oidc), resource, frozenset(permissions), default)
+    if not per_resource:
+        return [ScopeRequest(frozenset(oidc), None, frozenset(), False)]
+    return [
+        ScopeRequest(frozenset(oidc), spelling, frozenset(permissions), default[0])
+        for spelling, permissions, default in per_resource.values()
+    ]

@@ -1,0 +1,135 @@
+"""The sandbox's Dovecot, as Graph's mail store: delivery into INBOXes, Sent Items, Drafts, lookups.
+
+Recipients get the message over LMTP (the path Postfix uses for SMTP submissions, so a Graph send
+lands exactly like an SMTP one); folder copies (Sent Items, Drafts) are written with ``doveadm
+save`` and flagged with ``doveadm flags``, lookups use ``doveadm fetch``. Nothing here trusts the
+caller: what a test later reads over IMAP is what Dovecot stored.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import smtplib
+import subprocess
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from email import policy
+from typing import Any
+
+from airflow_provider_o365mail.testing.mailservers import MailServerConfig
+
+#: Graph's well-known folder names (mailFolder resource) -> the sandbox's Dovecot folders.
+WELL_KNOWN_FOLDERS = {
+    "inbox": "INBOX",
+    "drafts": "Drafts",
+    "sentitems": "Sent Items",
+    "deleteditems": "Deleted Items",
+    "junkemail": "Junk Email",
+    "archive": "Archive",
+}
+
+
+class MailStoreError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message in a folder: enough to answer a Graph ``$select`` on header properties."""
+
+    folder: str
+    uid: int
+    guid: str
+    flags: frozenset[str]
+    received: float
+    size: int
+    header: str
+
+
+class MailStore:
+    def __init__(self, cfg: MailServerConfig) -> None:
+        self.cfg = cfg
+        self._folder_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+    def _doveadm(self, *args: str, stdin: bytes | None = None, json_out: bool = False, timeout: float = 300) -> Any:
+        command = ["doveadm", "-c", str(self.cfg.dovecot_conf)] + (["-f", "json"] if json_out else []) + list(args)
+        result = subprocess.run(command, input=stdin, capture_output=True, timeout=timeout, check=False)
+        if result.returncode != 0:
+            raise MailStoreError(
+                f"doveadm {args[0]} failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}"
+            )
+        if json_out:
+            return json.loads(result.stdout.decode("utf-8", errors="replace") or "[]")
+        return result.stdout
+
+    # ------------------------------------------------------------------ recipients
+    def deliver(self, raw: bytes, envelope_from: str, recipients: list[str]) -> dict[str, str]:
+        """LMTP into each recipient's INBOX, one transaction per recipient; returns refusals ``{rcpt: reply}``.
+
+        One recipient per transaction because LMTP answers DATA once per recipient and smtplib reads
+        only one reply.
+        """
+        refused: dict[str, str] = {}
+        with smtplib.LMTP("127.0.0.1", self.cfg.lmtp_port, timeout=300) as lmtp:
+            for recipient in recipients:
+                try:
+                    lmtp.sendmail(envelope_from, [recipient], raw)
+                except smtplib.SMTPRecipientsRefused as exc:
+                    code, text = exc.recipients[recipient]
+                    refused[recipient] = f"{code} {text.decode(errors='replace')}"
+                except smtplib.SMTPDataError as exc:
+                    refused[recipient] = f"{exc.smtp_code} {exc.smtp_error.decode(errors='replace')}"
+                    lmtp.rset()
+        return refused
+
+    # ------------------------------------------------------------------ folders
+    def save(self, mailbox: str, folder: str, raw: bytes, *, seen: bool = True, draft: bool = False) -> int:
+        """Store ``raw`` in ``folder`` of ``mailbox``; returns its UID."""
+        with self._folder_locks[(mailbox.lower(), folder)]:
+            status = self._doveadm("mailbox", "status", "-u", mailbox, "uidnext", folder, json_out=True)
+            uid = int(status[0]["uidnext"])
+            self._doveadm("save", "-u", mailbox, "-m", folder, stdin=raw)
+            flags = [f for f, on in (("\\Seen", seen), ("\\Draft", draft)) if on]
+            if flags:
+                self._doveadm("flags", "add", "-u", mailbox, " ".join(flags), "mailbox", folder, "uid", str(uid))
+            return uid
+
+    def expunge(self, mailbox: str, folder: str, uid: int) -> None:
+        self._doveadm("expunge", "-u", mailbox, "mailbox", folder, "uid", str(uid))
+
+    def find(self, mailbox: str, folder: str, message_id: str | None = None) -> list[StoredMessage]:
+        """Messages of ``folder`` (with ``message_id``: those whose Message-ID is exactly that)."""
+        query = ["header", "Message-ID", message_id] if message_id else ["all"]
+        rows = self._doveadm(
+            "fetch",
+            "-u",
+            mailbox,
+            "uid guid flags date.received.unixtime size.physical hdr",
+            "mailbox",
+            folder,
+            *query,
+            json_out=True,
+        )
+        found = [
+            StoredMessage(
+                folder=folder,
+                uid=int(row["uid"]),
+                guid=str(row.get("guid", "")),
+                flags=frozenset(str(row.get("flags", "")).split()),
+                received=float(row.get("date.received.unixtime") or 0),
+                size=int(row.get("size.physical") or 0),
+                header=str(row.get("hdr", "")),
+            )
+            for row in rows
+        ]
+        if message_id:
+            # IMAP/doveadm HEADER search is a substring match: keep exact Message-IDs only.
+            found = [m for m in found if _message_id_of(m.header) == message_id.strip()]
+        return found
+
+
+def _message_id_of(header: str) -> str:
+    parsed = email.message_from_string(header, policy=policy.default)
+    return str(parsed.get("Message-ID", "")).strip()
