@@ -140,6 +140,9 @@ disable_plaintext_auth = yes
 auth_mechanisms = xoauth2 oauthbearer
 auth_username_format = %Lu
 auth_failure_delay = 0
+# A refused login logs why ("Introspection failed: Provided token is not valid", a timeout, ...);
+# the client only ever sees AUTHENTICATIONFAILED or UNAVAILABLE. Tokens are never logged.
+auth_verbose = yes
 default_internal_user = dovecot
 default_internal_group = dovecot
 default_login_user = dovenull

@@ -9,6 +9,7 @@ import ssl
 import time
 import uuid
 
+import jwt
 import msal
 import pytest
 
@@ -171,6 +172,42 @@ def test_revoked_sessions_kill_issued_access_tokens(o365_sandbox, o365_admin, ac
         smtp_login(sbx, sbx.user, access_token)
     with pytest.raises(imaplib.IMAP4.error):
         imap_login(sbx, sbx.user, access_token)
+
+
+def _iat(token: str) -> int:
+    return jwt.decode(token, options={"verify_signature": False})["iat"]
+
+
+def test_a_token_from_the_second_of_a_revocation_is_valid_and_one_from_before_is_not(o365_sandbox, o365_admin):
+    """iat has whole seconds: a token issued just after a revocation (same second) must not count as revoked."""
+    sbx, upn = o365_sandbox, o365_sandbox.second_user
+    token = Token(o365_admin.mint_access_token(upn))
+    try:
+        o365_admin.update_user(upn, tokens_valid_from=_iat(token) + 0.999)  # revoked within the token's second
+        smtp_login(sbx, upn, token).quit()
+        imap_login(sbx, upn, token).logout()
+        o365_admin.update_user(upn, tokens_valid_from=_iat(token) + 1.0)  # revoked in the next second
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp_login(sbx, upn, token)
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            imap_login(sbx, upn, token)
+    finally:
+        o365_admin.update_user(upn, tokens_valid_from=0.0)
+
+
+def test_tokens_issued_while_the_stand_ins_clock_runs_ahead_are_accepted(o365_sandbox, o365_admin):
+    """Time claims are judged by the stand-in's clock: with clock_offset an hour ahead, a token it issues
+    has an iat an hour ahead of the host's clock and is still valid (was refused as a bad signature)."""
+    sbx = o365_sandbox
+    o365_admin.update_settings(clock_offset=4000)  # the o365_admin fixture puts the clock back
+    token = Token(o365_admin.mint_access_token(sbx.user))
+    assert _iat(token) > time.time() + 3900
+    smtp_login(sbx, sbx.user, token).quit()
+    imap_login(sbx, sbx.user, token).logout()
+    early = Token(o365_admin.mint_access_token(sbx.user))
+    o365_admin.update_settings(clock_offset=0)  # the host's clock again: that token is not valid yet
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imap_login(sbx, sbx.user, early)
 
 
 def test_revoked_consent_leaves_access_tokens_valid_until_expiry(o365_sandbox, o365_admin, access_token):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import secrets
 import threading
@@ -39,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from airflow_provider_o365mail.testing.entra import errors, scopes
 from airflow_provider_o365mail.testing.entra.errors import AadstsError
 
+log = logging.getLogger(__name__)
+
 EXCHANGE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: PyJWT checks only the signature; the claims are checked here, each with Entra's own refusal.
@@ -52,6 +55,8 @@ SIGNATURE_ONLY = {
 }
 #: Clock skew allowed on a client assertion's ``nbf`` and ``exp``.
 ASSERTION_SKEW = 300
+#: Clock skew Exchange allows on an access token's ``nbf``.
+ACCESS_TOKEN_SKEW = 300
 AUTH_CODE_LIFETIME = 600
 DAY = 86400
 
@@ -954,42 +959,56 @@ class Directory:
 
     # ----------------------------------------------------------------- Exchange's side
     def introspect(self, token: str, service: str | None) -> dict:
-        """What Exchange would decide about an access token presented to IMAP or SMTP."""
+        """What Exchange would decide about an access token presented to IMAP or SMTP.
+
+        Every refusal is logged with its reason (the mail servers only say "authentication failed").
+        Time claims are checked against this directory's clock (``clock_offset`` included), never
+        against the host's: a token issued while the clock runs ahead is not "from the future".
+        """
         self.count("introspect")
+        service = (service or "imap").lower()
         try:
             claims = jwt.decode(
                 token,
                 self._signing_key.public_key(),
                 algorithms=["RS256"],
-                options={"verify_aud": False, "verify_exp": False, "verify_nbf": False},
+                options=SIGNATURE_ONLY,  # PyJWT would judge iat by the host's clock, not this directory's
             )
-        except jwt.PyJWTError:
-            return {"active": False, "reason": "signature"}
+        except jwt.PyJWTError as exc:
+            return self._refuse(service, None, f"signature ({type(exc).__name__})", "signature")
+        upn = str(claims.get("upn", "")).lower() or None
         now = self.now()
-        if claims.get("exp", 0) <= now or claims.get("nbf", 0) > now + 300:
-            return {"active": False, "reason": "expired"}
+        if claims.get("exp", 0) <= now:
+            return self._refuse(service, upn, "expired")
+        if claims.get("nbf", 0) > now + ACCESS_TOKEN_SKEW:
+            return self._refuse(service, upn, "not yet valid")
         if claims.get("aud") not in scopes.EXCHANGE_ALIASES:
-            return {"active": False, "reason": "audience"}
-        service = (service or "imap").lower()
+            return self._refuse(service, upn, "audience")
         if claims.get("idtyp") == "app":
             app = self.apps.get(claims.get("appid", ""))
             role = SERVICE_APP_ROLE.get(service)
             if app is None or role not in claims.get("roles", []) or not app.mailbox_permissions:
-                return {"active": False, "reason": "app permissions"}
+                return self._refuse(service, upn, "app permissions")
             user = self.users.get(app.mailbox_permissions[0])
         else:
-            user = self.users.get(str(claims.get("upn", "")).lower())
+            user = self.users.get(upn or "")
             if SERVICE_DELEGATED_SCOPE.get(service) not in str(claims.get("scp", "")).split():
-                return {"active": False, "reason": "scope"}
-            if user is not None and claims.get("iat", 0) < user.tokens_valid_from:
-                return {"active": False, "reason": "sessions revoked"}
+                return self._refuse(service, upn, "scope")
+            # iat has whole seconds: a token from the second of the revocation counts as issued after it.
+            if user is not None and claims.get("iat", 0) < int(user.tokens_valid_from):
+                return self._refuse(service, upn, "sessions revoked")
         if user is None:
-            return {"active": False, "reason": "no mailbox"}
+            return self._refuse(service, upn, "no mailbox")
         if service == "smtp" and not user.smtp_auth_enabled:
-            return {"active": False, "reason": "SmtpClientAuthentication is disabled for the Mailbox"}
+            return self._refuse(service, user.upn, "SmtpClientAuthentication is disabled for the Mailbox")
         if service == "imap" and not user.imap_enabled:
-            return {"active": False, "reason": "IMAP disabled for the mailbox"}
+            return self._refuse(service, user.upn, "IMAP disabled for the mailbox")
         return {"active": True, "email": user.upn, "scope": claims.get("scp", ""), "client_id": claims.get("appid")}
+
+    @staticmethod
+    def _refuse(service: str, upn: str | None, why: str, reason: str | None = None) -> dict:
+        log.warning("Exchange refused an access token for %s (%s): %s", upn or "an unknown mailbox", service, why)
+        return {"active": False, "reason": reason or why}
 
     def mint_access_token(
         self, upn: str, client_id: str, *, lifetime: int = 3600, audience: str = scopes.EXCHANGE, scp: str | None = None

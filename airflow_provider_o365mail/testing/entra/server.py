@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     directory.issuer_trust = config.get("ca_file") or True
     app = create_app(directory, config["admin_key"])
     app.include_router(mail_admin_router(args.state_dir, config["admin_key"]))
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         app,
         host=args.host,
