@@ -3,6 +3,9 @@
 1. Poke cost with 0 new messages in folders of 1k / 10k / 100k messages:
    - ours, ``new_only`` (watermark): one STATUS per folder when nothing is new;
    - ours without a watermark (``subject=...`` compiled into a server-side SEARCH);
+   ours reuse a pooled logged-in session between pokes, as the pokes of one poke-mode task do; each
+   of the two has a connection id of its own (its own pool), as a sensor alone would: a session that
+   SEARCHed has the folder selected, and a selected folder is SELECTed again instead of STATUS;
    - apache-airflow-providers-imap ``ImapHook.has_mail_attachment`` (the official sensor's poke):
      SEARCH ALL, then FETCH (RFC822) of every message. It has no OAuth2, so here its ``get_conn``
      logs in with XOAUTH2; everything after the login is the provider's own code.
@@ -45,6 +48,7 @@ from common import (
     run_interleaved,
 )
 
+WATERMARK_CONN_ID = "o365mail_bench_watermark"
 MESSAGE = (
     "From: sender{n}@partner.test\r\nTo: alex@o365.sandbox.test\r\nSubject: routine message {n}\r\n"
     "Message-ID: <bench-{n}-{tag}@partner.test>\r\nDate: Mon, 02 Nov 2026 10:00:00 +0000\r\n"
@@ -115,10 +119,13 @@ def main() -> None:
             return self
 
     os.environ["AIRFLOW_CONN_IMAP_BENCH"] = '{"conn_type": "imap", "host": "127.0.0.1"}'
+    # The new_only sensor's own connection id, so its pooled session is not one the SEARCH variant used.
+    os.environ[f"AIRFLOW_CONN_{WATERMARK_CONN_ID.upper()}"] = sbx.connection_json(refresh_token=sbx.new_refresh_token())
+    O365MailHook(WATERMARK_CONN_ID).get_access_token()  # warm its token store too
 
     print(
-        f"1. poke cost with 0 new messages (login included): {args.repeat} pokes per variant after a warm-up, "
-        "variants interleaved in shuffled order"
+        f"1. poke cost with 0 new messages: {args.repeat} pokes per variant after a warm-up, variants interleaved "
+        "in shuffled order; ours reuse a pooled session (one pool per variant), providers-imap logs in per poke"
     )
     results: dict[tuple[str, int], Stats] = {}
     for size in sizes:
@@ -127,7 +134,7 @@ def main() -> None:
         with imap_session(sbx, sbx.user) as client:
             status = client.folder_status(folder, [b"UIDNEXT", b"UIDVALIDITY"])
         watermark = O365ImapSensor(
-            task_id="wm", conn_id=BENCH_CONN_ID, folders=folder, new_only=True, watermark_id=f"bench {folder}"
+            task_id="wm", conn_id=WATERMARK_CONN_ID, folders=folder, new_only=True, watermark_id=f"bench {folder}"
         )
         VariableWatermarkStore(watermark.watermark_key()).save(
             {folder: FolderWatermark(int(status[b"UIDVALIDITY"]), int(status[b"UIDNEXT"]) - 1, [], time.time())}
