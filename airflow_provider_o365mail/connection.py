@@ -24,9 +24,11 @@ from airflow_provider_o365mail.connection_defaults import (
     CREDENTIAL_TYPES,
     DEFAULT_CLOUD,
     DEFAULT_CONN_ID,
+    DEFAULT_GRAPH_PERMISSIONS,
     DEFAULT_IMAP_PORT,
     DEFAULT_SMTP_PORT,
     DEFAULT_TIMEOUT_SECONDS,
+    DEFAULT_TRANSPORT,
     ENV_CLIENT_ID,
     ENV_FEDERATED_TOKEN_FILE,
     ENV_TENANT_ID,
@@ -36,8 +38,11 @@ from airflow_provider_o365mail.connection_defaults import (
     HOOK_NAME,
     MICROSOFT_LOGIN_HOSTS,
     RESERVED_SCOPES,
+    TRANSPORT_SMTP,
+    TRANSPORTS,
     CloudPreset,
     default_scopes,
+    graph_scopes,
 )
 from airflow_provider_o365mail.exceptions import ConnectionConfigError
 from airflow_provider_o365mail.tls import HttpProxy, parse_proxy
@@ -101,6 +106,30 @@ class O365MailSettings:
     #: ``http://[user:password@]host:port``: token requests, IMAP and SMTP go through this CONNECT
     #: proxy. Without it token requests follow ``HTTPS_PROXY``/``NO_PROXY`` and mail goes direct.
     proxy: str | None = field(default=None, repr=False)
+    #: ``smtp``, ``graph`` or ``auto`` (:data:`TRANSPORTS`): how this connection sends mail.
+    transport: str = DEFAULT_TRANSPORT
+    #: Where Graph requests go (default: the cloud's Graph; the sandbox sets its stand-in).
+    graph_url: str = "https://graph.microsoft.com"
+    #: Delegated Graph permissions (consent and Graph token requests); app-only uses ``.default``.
+    graph_permissions: tuple[str, ...] = DEFAULT_GRAPH_PERMISSIONS
+
+    @property
+    def graph_scopes(self) -> tuple[str, ...]:
+        """The scopes of a Graph token request (one resource: never mixed with Exchange's). The resource is
+        the cloud's Graph, whatever :attr:`graph_url` the requests go to (a proxy, the sandbox)."""
+        return graph_scopes(CLOUDS[self.cloud].graph_url, self.grant_type, self.graph_permissions)
+
+    @property
+    def uses_graph(self) -> bool:
+        return self.transport != TRANSPORT_SMTP
+
+    @property
+    def consent_scopes(self) -> tuple[str, ...]:
+        """What the consent asks for: Exchange's scopes, and Graph's when the connection may send through
+        Graph (``/authorize`` may span resources; the code is redeemed for :attr:`scopes` only)."""
+        if not (self.delegated and self.uses_graph):
+            return self.scopes
+        return tuple(dict.fromkeys((*self.scopes, *self.graph_scopes)))
 
     @property
     def http_proxy(self) -> HttpProxy | None:
@@ -335,6 +364,18 @@ def settings_from_fields(
             f"{where}: client credentials need a '/.default' scope, e.g. {default_scopes(cloud, grant_type)[0]}."
         )
     preset = CLOUDS[cloud]
+    transport = (_text(extra, "transport") or DEFAULT_TRANSPORT).lower()
+    if transport not in TRANSPORTS:
+        raise ConnectionConfigError(f"{where}: transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}.")
+    graph_url = (_text(extra, "graph_url") or preset.graph_url).rstrip("/")
+    if not graph_url.startswith("https://"):
+        raise ConnectionConfigError(f"{where}: graph_url must be an https:// URL (Graph's root), got {graph_url!r}.")
+    graph_permissions = parse_scopes(extra.get("graph_permissions")) or DEFAULT_GRAPH_PERMISSIONS
+    if any(p.endswith("/.default") for p in graph_permissions):
+        raise ConnectionConfigError(
+            f"{where}: graph_permissions lists delegated permissions (e.g. Mail.Send Mail.ReadWrite); app-only "
+            "connections use .default without setting it."
+        )
     proxy = _text(extra, "proxy")
     if proxy:
         parse_proxy(proxy, where=f"{where}: proxy")
@@ -365,6 +406,9 @@ def settings_from_fields(
         certificate_sha1=_flag(extra, "certificate_sha1"),
         federated_assertion_file=federated_assertion_file if federated else None,
         proxy=proxy,
+        transport=transport,
+        graph_url=graph_url,
+        graph_permissions=graph_permissions,
     )
 
 

@@ -35,6 +35,16 @@ DEFAULT_SMTP_PORT = 587
 DEFAULT_TIMEOUT_SECONDS = 30
 #: MSAL adds these itself and raises ValueError when they are passed in.
 RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access"})
+#: How mail is sent: SMTP AUTH (XOAUTH2), Microsoft Graph, or SMTP with Graph when SMTP AUTH is disabled.
+TRANSPORT_SMTP = "smtp"
+TRANSPORT_GRAPH = "graph"
+TRANSPORT_AUTO = "auto"
+TRANSPORTS = (TRANSPORT_SMTP, TRANSPORT_GRAPH, TRANSPORT_AUTO)
+DEFAULT_TRANSPORT = TRANSPORT_SMTP
+#: Delegated Graph permissions asked at consent when a connection sends through Graph: Mail.Send for
+#: sendMail, Mail.ReadWrite for drafts with upload sessions (mail over Graph's 4 MB request limit)
+#: and for the Sent Items lookup after an ambiguous outcome.
+DEFAULT_GRAPH_PERMISSIONS = ("Mail.Send", "Mail.ReadWrite")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class CloudPreset:
     smtp_host: str
     resource: str
     app_only_resource: str
+    #: Microsoft Graph's root for this cloud (national clouds have their own).
+    graph_url: str = "https://graph.microsoft.com"
 
 
 CLOUDS: dict[str, CloudPreset] = {
@@ -60,6 +72,7 @@ CLOUDS: dict[str, CloudPreset] = {
         "smtp.office365.us",
         "https://outlook.office365.us",
         "https://outlook.office365.us",
+        "https://graph.microsoft.us",
     ),
     "china": CloudPreset(
         "login.partner.microsoftonline.cn",
@@ -67,6 +80,7 @@ CLOUDS: dict[str, CloudPreset] = {
         "partner.outlook.cn",
         "https://partner.outlook.cn",
         "https://partner.outlook.cn",
+        "https://microsoftgraph.chinacloudapi.cn",
     ),
 }
 MICROSOFT_LOGIN_HOSTS = frozenset(
@@ -79,6 +93,16 @@ def default_scopes(cloud: str, grant_type: str) -> tuple[str, ...]:
     if grant_type == GRANT_CLIENT_CREDENTIALS:
         return (f"{preset.app_only_resource}/.default",)
     return (f"{preset.resource}/IMAP.AccessAsUser.All", f"{preset.resource}/SMTP.Send")
+
+
+def graph_scopes(
+    graph_resource: str, grant_type: str, permissions: tuple[str, ...] = DEFAULT_GRAPH_PERMISSIONS
+) -> tuple[str, ...]:
+    """Fully qualified Graph scopes (one resource per token request; never mixed with Exchange's)."""
+    root = graph_resource.rstrip("/")
+    if grant_type == GRANT_CLIENT_CREDENTIALS:
+        return (f"{root}/.default",)
+    return tuple(p if "://" in p else f"{root}/{p}" for p in permissions)
 
 
 # ---------------------------------------------------------------- the connection form
@@ -126,6 +150,21 @@ CONN_FIELDS = {
         f"Space-separated. Default: {' '.join(default_scopes(DEFAULT_CLOUD, GRANT_AUTHORIZATION_CODE))} "
         f"(app-only: {' '.join(default_scopes(DEFAULT_CLOUD, GRANT_CLIENT_CREDENTIALS))}).",
     ),
+    "transport": _text(
+        "Send through",
+        f"{TRANSPORT_SMTP}: SMTP AUTH (XOAUTH2). {TRANSPORT_GRAPH}: Microsoft Graph (for tenants with SMTP AUTH "
+        f"off; mail up to 150 MB). {TRANSPORT_AUTO}: SMTP, and Graph when Exchange answers that SMTP AUTH is "
+        "disabled (535 5.7.139). Graph needs its own consent: Authorize again after changing this.",
+        default=DEFAULT_TRANSPORT,
+        enum=list(TRANSPORTS),
+    ),
+    "graph_permissions": _text(
+        "Graph permissions",
+        f"Delegated Graph permissions asked at consent and in Graph token requests. Default: "
+        f"{' '.join(DEFAULT_GRAPH_PERMISSIONS)} (Mail.ReadWrite: large mail and the Sent Items check). Add "
+        "Mail.Send.Shared to send from a shared mailbox. App-only uses .default.",
+    ),
+    "graph_url": _text("Graph URL", f"Default: {_GLOBAL.graph_url} (per cloud).", format="url"),
     "imap_host": _text("IMAP host", f"Default: {_GLOBAL.imap_host} (per cloud)."),
     "imap_port": _integer("IMAP port", "Implicit TLS.", DEFAULT_IMAP_PORT),
     "smtp_host": _text("SMTP host", f"Default: {_GLOBAL.smtp_host} (per cloud)."),

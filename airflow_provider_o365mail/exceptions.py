@@ -18,6 +18,7 @@
      |    +-- DeliveryUnknownError      connection lost after the content; Sent Items could not tell (transient)
      |    +-- RecipientBudgetExceeded   the batch would cross [o365mail] daily_recipient_budget (no retries)
      |    +-- RecipientsRefusedError    some recipients were refused permanently (others got the mail; no retries)
+     |    +-- GraphRequestRefused       Microsoft Graph refused permanently: permissions, mailbox, request (no retries)
      +-- MessageCompositionError (ValueError; no retries)  bad address, header injection, unreadable file
      |    +-- MessageTooLargeError      larger than the server's SIZE limit
      +-- AuthorizationError (AirflowFailException: the task fails without retries)
@@ -212,6 +213,19 @@ class RecipientsRefusedError(MailServerError, AirflowFailException):
     def __init__(self, message: str, refused: dict[str, tuple[int, str]] | None = None) -> None:
         super().__init__(message)
         self.refused = {address: tuple(reply) for address, reply in (refused or {}).items()}
+
+
+class GraphRequestRefused(MailServerError, AirflowFailException):
+    """Microsoft Graph refused a request permanently (permissions, a mailbox without REST access, an
+    invalid request); the message names Graph's error code and the fix. Retrying will not help."""
+
+    payload_fields = ("status", "code")
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        #: Graph's HTTP status and ``error.code`` (code against the code, never the message)
+        self.status = status
+        self.code = code
 
 
 def _jsonable(value: Any) -> Any:

@@ -128,3 +128,32 @@ EXCHANGE_RATE = (
     "Exchange Online accepts about 30 messages per minute per mailbox and delays, not refuses, the rest: "
     "delivery of this batch takes at least {minutes:.0f} minute(s)."
 )
+
+# ---------------------------------------------------------------- Microsoft Graph
+GRAPH_TOKEN_REFUSED = (
+    "Graph did not accept the access token: its audience or permissions are wrong. The app registration needs "
+    "Microsoft Graph's Mail.Send (delegated, or as an application permission with admin consent for app-only); "
+    "after adding it, consent again: 'airflow o365mail authorize --conn-id {conn_id}'."
+)
+GRAPH_SEND_AS = (
+    "Through Graph a delegated connection also needs the Mail.Send.Shared permission (add it to the connection's "
+    "graph_permissions and consent again)."
+)
+GRAPH_TOO_LARGE = (
+    "Graph takes at most 4 MB per request and the mailbox's MaxSendSize (35 MB by default, up to 150 MB) per "
+    "message: send smaller files or links, or raise MaxSendSize (Set-Mailbox -MaxSendSize)."
+)
+GRAPH_ACCESS_DENIED = (
+    "The token lacks the permission this request needs, or an application access policy keeps the app out of "
+    "{mailbox}. Delegated: add Mail.Send and Mail.ReadWrite to the app's Microsoft Graph permissions and consent "
+    "again ('airflow o365mail authorize --conn-id {conn_id}'); app-only: grant the application permissions "
+    "Mail.Send and Mail.ReadWrite with admin consent, and include {mailbox} in any application access policy."
+)
+GRAPH_NO_MAILBOX = (
+    "{mailbox} has no Exchange Online mailbox Graph can use (unlicensed, soft-deleted, on-premises, or a typo): "
+    "check the address and its Exchange Online licence."
+)
+GRAPH_NEEDS_READWRITE = (
+    "Graph's Mail.ReadWrite permission is needed for this ({why}); the connection's graph_permissions do not "
+    "include it. Add Mail.ReadWrite there and to the app registration, then consent again."
+)

@@ -47,9 +47,14 @@ from airflow_provider_o365mail.exceptions import (
     MailServerError,
     MailServerUnavailable,
     O365MailError,
+    ReauthorizationRequired,
     TlsRequiredError,
 )
+from airflow_provider_o365mail.graph.client import GRAPH_RETRY, GraphClient
+from airflow_provider_o365mail.graph.sender import SEND_RETRY as GRAPH_SEND_RETRY
+from airflow_provider_o365mail.graph.sender import GraphSender, mailbox_path, sent_items_count
 from airflow_provider_o365mail.hooks import connection_form
+from airflow_provider_o365mail.hooks.fallback import SmtpThenGraph
 from airflow_provider_o365mail.imap import watch as imap_watch
 from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
@@ -65,13 +70,18 @@ from airflow_provider_o365mail.locks import host_lock
 from airflow_provider_o365mail.runtime import VariableBackend, default_variables, load_connection
 from airflow_provider_o365mail.smtp.proxied import ProxiedSMTP
 from airflow_provider_o365mail.smtp.sender import SEND_RETRY, SendResult, SmtpBatchSender, raise_for_refused
-from airflow_provider_o365mail.tls import client_ssl_context
+from airflow_provider_o365mail.tls import IdentityProviderSession, client_ssl_context
 from airflow_provider_o365mail.version_compat import conf
 
 #: ``[o365mail]`` options: this process's connection budgets per mailbox (Exchange: ~20 IMAP, 3 SMTP).
 IMAP_BUDGET_OPTION = "max_imap_connections_per_mailbox"
 SMTP_BUDGET_OPTION = "max_smtp_sessions_per_mailbox"
 DEFAULT_SMTP_SESSIONS = 3
+#: Outlook allows 4 concurrent Graph requests per app and mailbox.
+GRAPH_BUDGET_OPTION = "max_graph_requests_per_mailbox"
+DEFAULT_GRAPH_REQUESTS = 4
+#: Graph permissions that can read Sent Items (for the lookup after an ambiguous outcome).
+GRAPH_READ_PERMISSIONS = frozenset({"mail.readbasic", "mail.read", "mail.readwrite"})
 
 
 def configured_budget(option: str, default: int) -> int:
@@ -140,6 +150,26 @@ class O365MailHook(BaseHook):
 
     def access_token(self, *, force_refresh: bool = False) -> AccessToken:
         return self.tokens.get(force_refresh=force_refresh)
+
+    @cached_property
+    def graph_tokens(self) -> TokenManager:
+        """Microsoft Graph tokens: the same consent, store and refresh token, with Graph's scopes."""
+        return TokenManager(dataclasses.replace(self.settings, scopes=self.settings.graph_scopes))
+
+    def graph_access_token(self, *, force_refresh: bool = False) -> AccessToken:
+        """A Graph access token (audience Graph; never used for IMAP or SMTP)."""
+        try:
+            return self.graph_tokens.get(force_refresh=force_refresh)
+        except ReauthorizationRequired as err:
+            raise type(err)(
+                f"{err} This was a token request for Microsoft Graph ({' '.join(self.settings.graph_scopes)}): a "
+                "consent given before the connection sent through Graph covers Exchange only; authorize again to "
+                "add Graph (the page or 'airflow o365mail authorize' asks for both).",
+                conn_id=err.conn_id,
+                error=err.error,
+                error_codes=err.error_codes,
+                correlation_id=err.correlation_id,
+            ) from None
 
     def xoauth2_string(self, access_token: str | None = None, *, user: str | None = None) -> str:
         """The SASL XOAUTH2 string for the connection's mailbox (or ``user``)."""
@@ -492,6 +522,108 @@ class O365MailHook(BaseHook):
             **options,
         )
 
+    # ------------------------------------------------------------------ Microsoft Graph
+    def _graph_mailbox(self, mailbox: str | None) -> tuple[str, str]:
+        """``(path, address)``: delegated ``me`` for the signed-in mailbox, else ``users/{address}``."""
+        address = mailbox or self.settings.mailbox
+        if self.settings.delegated and address.lower() == self.settings.mailbox.lower():
+            return "me", address
+        return mailbox_path(address), address
+
+    def graph_budget(self, mailbox: str | None = None) -> ConnectionBudget:
+        """This process's budget of concurrent Graph requests of the mailbox ([o365mail] max_graph_requests_per_mailbox)."""
+        return connection_budget(
+            ("graph", *self._mailbox_key(mailbox)),
+            configured_budget(GRAPH_BUDGET_OPTION, DEFAULT_GRAPH_REQUESTS),
+            what=f"Graph requests of {self.conn_id}/{mailbox or 'default mailbox'}",
+            option=GRAPH_BUDGET_OPTION,
+            advice="Outlook allows 4 concurrent requests per app and mailbox; more are refused with 429.",
+        )
+
+    def graph_client(self, mailbox: str | None = None, **options: Any) -> GraphClient:
+        """A :class:`GraphClient` for ``{graph_url}/v1.0`` with this connection's Graph tokens and proxy.
+
+        :param options: ``retry``, ``sleep``, ``slot`` (default: a slot of :meth:`graph_budget` per request).
+        """
+        s = self.settings
+        _, address = self._graph_mailbox(mailbox)
+        options.setdefault("slot", self.graph_budget(mailbox).slot)
+        return GraphClient(
+            f"{s.graph_url}/v1.0",
+            lambda force_refresh: self.graph_access_token(force_refresh=force_refresh),
+            session=IdentityProviderSession(s.ca_bundle, s.timeout, proxy=s.http_proxy),
+            timeout=s.timeout,
+            conn_id=self.conn_id,
+            mailbox=address,
+            **options,
+        )
+
+    def graph_can_read(self) -> bool:
+        """The Graph token can read Sent Items (app-only: the admin-consented roles decide)."""
+        s = self.settings
+        return not s.delegated or any(p.rsplit("/", 1)[-1].lower() in GRAPH_READ_PERMISSIONS for p in s.graph_scopes)
+
+    def graph_sent_items_lookup(self, mailbox: str | None = None):
+        """``lookup(message_id) -> int`` over Graph (``$filter=internetMessageId eq ...``)."""
+        who, _ = self._graph_mailbox(mailbox)
+
+        def lookup(message_id: str) -> int:
+            client = self.graph_client(mailbox, retry=dataclasses.replace(GRAPH_RETRY, attempts=2))
+            try:
+                return sent_items_count(client, who, message_id)
+            finally:
+                client.close()
+
+        return lookup
+
+    def graph_sender(
+        self, mailbox: str | None = None, *, max_attempts: int | None = None, **options: Any
+    ) -> GraphSender:
+        """A :class:`GraphSender` (sendMail; drafts and upload sessions over 4 MB) for the mailbox.
+
+        After an ambiguous outcome it looks the Message-ID up in Sent Items through Graph (with
+        Mail.ReadWrite or Mail.Read), else over this hook's IMAP.
+
+        :param max_attempts: attempts per message whose send got no answer (default 4).
+        :param options: ``retry``, ``clock``, ``sleep``, ``sent_lookup``, ``sent_items_wait``,
+            ``max_request_bytes``, ``upload_chunk``; ``client_options`` for :meth:`graph_client`.
+        """
+        if max_attempts is not None:
+            options["retry"] = dataclasses.replace(options.get("retry", GRAPH_SEND_RETRY), attempts=max_attempts)
+        who, _ = self._graph_mailbox(mailbox)
+        if "sent_lookup" not in options:
+            options["sent_lookup"] = (
+                self.graph_sent_items_lookup(mailbox) if self.graph_can_read() else self.sent_items_lookup(mailbox)
+            )
+        client_options = options.pop("client_options", {})
+        if "sleep" in options:
+            client_options.setdefault("sleep", options["sleep"])
+        return GraphSender(
+            self.graph_client(mailbox, **client_options), who=who, can_draft=self.graph_can_read(), **options
+        )
+
+    def message_sender(self, mailbox: str | None = None, **options: Any) -> Any:
+        """The connection's sender (``transport``): SMTP, Graph, or SMTP then Graph when SMTP AUTH is off.
+
+        :param options: for the SMTP sender (:meth:`smtp_batch_sender`); ``graph_options`` for
+            :meth:`graph_sender`. ``max_attempts`` and ``sleep`` go to both.
+        """
+        graph_options = dict(options.pop("graph_options", {}))
+        for shared in ("max_attempts", "sleep"):
+            if shared in options:
+                graph_options.setdefault(shared, options[shared])
+        transport = self.settings.transport
+        if transport == "graph":
+            return self.graph_sender(mailbox, **graph_options)
+        if transport == "smtp":
+            return self.smtp_batch_sender(mailbox, **options)
+        return SmtpThenGraph(
+            lambda: self.smtp_batch_sender(mailbox, **options),
+            lambda: self.graph_sender(mailbox, **graph_options),
+            key=self._mailbox_key(mailbox),
+            what=f"{mailbox or self.settings.mailbox} (connection {self.conn_id})",
+        )
+
     def smtp_budget(self, mailbox: str | None = None) -> ConnectionBudget:
         """This process's budget of concurrent SMTP sessions of the mailbox ([o365mail] max_smtp_sessions_per_mailbox)."""
         return connection_budget(
@@ -528,7 +660,8 @@ class O365MailHook(BaseHook):
         variables: VariableBackend | None = None,
         **sender_options: Any,
     ) -> list[SendResult]:
-        """Send messages over one SMTP session (re-authenticating when its token nears expiry).
+        """Send messages through the connection's transport: one SMTP session (re-authenticating when its
+        token nears expiry), Microsoft Graph, or SMTP then Graph (``transport: auto``).
 
         Before the first message: the batch's recipients are counted against the mailbox's daily
         budget (:class:`RecipientBudgetExceeded`, nothing sent, when it would cross it). With
@@ -539,7 +672,8 @@ class O365MailHook(BaseHook):
         :param raise_on_refused: raise :class:`RecipientsRefusedError` after the batch if the server
             refused recipients permanently (the others received the message).
         :param variables: where the ledger and the budget live (default ``runtime.default_variables()``).
-        :param sender_options: passed to :meth:`smtp_batch_sender` (``max_attempts``, ``retry``, ``sleep``...).
+        :param sender_options: passed to :meth:`message_sender` (``max_attempts``, ``retry``, ``sleep``,
+            ``graph_options``...).
         """
         planned = [m if isinstance(m, PlannedMessage) else _planned(m) for m in messages]
         store = variables or (default_variables() if identity is not None or _configured_budget() > 0 else None)
@@ -552,7 +686,7 @@ class O365MailHook(BaseHook):
         if budget is not None:
             holder = identity.key() if identity is not None else f"once-{uuid.uuid4().hex}"
             budget.reserve(holder, sum(len(m.recipients) for m in planned))
-        with self.smtp_batch_sender(**sender_options) as sender:
+        with self.message_sender(**sender_options) as sender:
             results = send_batch(sender, planned, ledger=ledger)
         if ledger is not None:
             ledger.finish()

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_o365mail import hints
 from airflow_provider_o365mail.core.sending import OnAccepted, OnSending, SendResult, SentLookup
+from airflow_provider_o365mail.core.sent_items import SENT_ITEMS_WAIT_SECONDS, found_in_sent_items
 from airflow_provider_o365mail.exceptions import (
-    DeliveryUnknownError,
     MailServerError,
     MessageRejectedError,
     MessageTooLargeError,
@@ -51,9 +51,6 @@ SEND_RETRY = Backoff(first=2.0, maximum=60.0, attempts=5, jitter=(0.75, 1.0))
 
 #: ``login(force_refresh)`` opens a logged-in session (STARTTLS, AUTH) and says which token it used.
 SmtpLogin = Callable[[bool], "tuple[smtplib.SMTP, ExpiringToken]"]
-#: How long to wait for Exchange's Sent Items copy after an ambiguous outcome, and how often to look.
-SENT_ITEMS_WAIT_SECONDS = 30.0
-SENT_ITEMS_POLL_SECONDS = 3.0
 
 
 class _Transient(Exception):
@@ -263,52 +260,17 @@ class SmtpBatchSender:
         return SendResult(message_id=message.message_id, accepted=message.recipients, already_sent=True)
 
     def _found_in_sent_items(self, message: OutgoingMessage, reason: str, copies: int = 0) -> bool:
-        """Look for the message in Sent Items for up to ``sent_items_wait`` seconds (the copy can lag).
-
-        Found means more copies of its Message-ID than the ``copies`` known accepted transactions made.
-
-        False: not there, resend. Raises :class:`DeliveryUnknownError` when Sent Items could not be
-        read at all (resending could deliver twice; the task's retry looks again).
-        """
-        if self._sent_lookup is None:
-            log.warning(
-                "The outcome of message %s is unknown (%s) and no Sent Items lookup is configured; sending it "
-                "again may deliver it twice.",
-                message.message_id,
-                reason,
-            )
-            return False
-        deadline = self._clock() + self.sent_items_wait
-        last_error: str | None = None
-        looked = False
-        while True:
-            try:
-                if int(self._sent_lookup(message.message_id)) > copies:
-                    log.info(
-                        "Message %s is in Sent Items: the server accepted it although %s; not sending it again.",
-                        message.message_id,
-                        reason,
-                    )
-                    return True
-                looked = True
-            except Exception as err:  # IMAP down, throttled, folder missing: keep trying until the deadline
-                last_error = f"{type(err).__name__}: {err}"
-            if self._clock() >= deadline:
-                break
-            self._sleep(min(SENT_ITEMS_POLL_SECONDS, max(0.0, deadline - self._clock())))
-        if not looked:
-            raise DeliveryUnknownError(
-                f"Message {message.message_id} may or may not have been accepted by {self.where} ({reason}), and "
-                f"Sent Items could not be searched for {self.sent_items_wait:.0f} s (last: {last_error}). It was "
-                "not sent again to avoid a duplicate; the task's retry looks in Sent Items again first."
-            )
-        log.warning(
-            "Message %s is not in Sent Items %.0f s after %s: sending it again.",
+        """See :func:`..core.sent_items.found_in_sent_items` (waits up to ``sent_items_wait``)."""
+        return found_in_sent_items(
+            self._sent_lookup,
             message.message_id,
-            self.sent_items_wait,
-            reason,
+            reason=reason,
+            where=self.where,
+            copies=copies,
+            wait=self.sent_items_wait,
+            clock=self._clock,
+            sleep=self._sleep,
         )
-        return False
 
     def _raise_if_mailbox_blocked(self, rejected: dict[str, tuple[int, str]]) -> None:
         for code, reply in rejected.values():

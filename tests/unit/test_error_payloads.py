@@ -24,6 +24,7 @@ SAMPLES: dict[str, object] = {
     "error_codes": [65001],
     "correlation_id": "c0ffee",
     "refused": {"a@contoso.com": (550, "5.1.1 unknown")},
+    "code": "ErrorAccessDenied",
 }
 
 
