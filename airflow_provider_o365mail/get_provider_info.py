@@ -33,6 +33,7 @@ def get_provider_info() -> dict:
             {
                 "integration-name": "Microsoft 365 Mail",
                 "python-modules": [
+                    "airflow_provider_o365mail.operators.send_mail",
                     "airflow_provider_o365mail.operators.smtp",
                     "airflow_provider_o365mail.operators.imap_attachments",
                 ],

@@ -14,7 +14,7 @@ from pathlib import Path
 from airflow.sdk import dag, task
 
 from airflow_provider_o365mail.operators.imap_attachments import O365ImapAttachmentOperator
-from airflow_provider_o365mail.operators.smtp import O365SmtpOperator
+from airflow_provider_o365mail.operators.send_mail import O365SendMailOperator
 from airflow_provider_o365mail.sensors.imap import O365ImapSensor
 
 WORK_DIR = Path(tempfile.gettempdir()) / "o365mail-example-invoices"
@@ -33,7 +33,7 @@ def example_o365mail_invoice_roundtrip():
             writer.writerows([["Widget", 12, 4.5], ["Gadget", 3, 19.9], ["Sprocket", 40, 0.35]])
         return str(path)
 
-    send = O365SmtpOperator(
+    send = O365SendMailOperator(
         task_id="supplier_sends_invoice",
         to=MAILBOX,
         subject="Invoice 2026-11 [{{ run_id }}]",

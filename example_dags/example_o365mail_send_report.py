@@ -16,7 +16,7 @@ from pathlib import Path
 
 from airflow.sdk import Param, dag, task
 
-from airflow_provider_o365mail.operators.smtp import O365SmtpOperator
+from airflow_provider_o365mail.operators.send_mail import O365SendMailOperator
 
 REPORT_DIR = Path(tempfile.gettempdir()) / "o365mail-example-reports"
 # dag_run is always in the context; ``logical_date or ...`` would fail when logical_date is absent.
@@ -53,7 +53,7 @@ def example_o365mail_send_report():
     report = build_report()
 
     # [START howto_operator_o365_smtp]
-    O365SmtpOperator(
+    O365SendMailOperator(
         task_id="send_report",
         conn_id="o365mail_default",
         to="{{ params.report_to or conn.o365mail_default.extra_dejson.mailbox }}",

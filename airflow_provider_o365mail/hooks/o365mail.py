@@ -606,10 +606,10 @@ class O365MailHook(BaseHook):
         """The connection's sender (``transport``): SMTP, Graph, or SMTP then Graph when SMTP AUTH is off.
 
         :param options: for the SMTP sender (:meth:`smtp_batch_sender`); ``graph_options`` for
-            :meth:`graph_sender`. ``max_attempts`` and ``sleep`` go to both.
+            :meth:`graph_sender`. ``max_attempts``, ``sleep`` and ``sent_items_wait`` go to both.
         """
         graph_options = dict(options.pop("graph_options", {}))
-        for shared in ("max_attempts", "sleep"):
+        for shared in ("max_attempts", "sleep", "sent_items_wait"):
             if shared in options:
                 graph_options.setdefault(shared, options[shared])
         transport = self.settings.transport

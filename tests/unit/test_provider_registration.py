@@ -82,9 +82,18 @@ def test_every_module_listed_in_provider_info_imports():
         m for key in ("operators", "sensors", "triggers", "hooks") for item in info[key] for m in item["python-modules"]
     ]
     dotted = [*info["notifications"], *info["email-backends"]]
-    assert len(modules) == 6
+    assert len(modules) == 7
     for module in modules:
         importlib.import_module(module)
     for path in dotted:
         module, _, attr = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), attr)), path
+
+
+def test_the_operators_former_name_still_works():
+    from airflow_provider_o365mail.operators.send_mail import O365SendMailOperator
+    from airflow_provider_o365mail.operators.smtp import O365SmtpOperator
+
+    task = O365SmtpOperator(task_id="old_name", to="a@contoso.com", subject="s", text_content="t")
+    assert isinstance(task, O365SendMailOperator)
+    assert task.template_fields == O365SendMailOperator.template_fields
