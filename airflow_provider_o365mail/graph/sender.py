@@ -77,6 +77,7 @@ class GraphSender:
     :param who: ``me`` or ``users/{address}`` (:func:`mailbox_path`).
     :param can_draft: the token may create drafts (Mail.ReadWrite): mail over the request limit is possible.
     :param sent_lookup: how many copies of a Message-ID Sent Items holds (after an ambiguous outcome).
+    :param redact: told every upload URL (it carries its own credential) to hide it from logs.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class GraphSender:
         sent_items_wait: float = SENT_ITEMS_WAIT_SECONDS,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         upload_chunk: int = UPLOAD_CHUNK,
+        redact: Callable[[str], object] | None = None,
     ) -> None:
         if retry.attempts is None:
             raise ValueError("the send retry policy needs a bounded number of attempts")
@@ -105,6 +107,7 @@ class GraphSender:
         self.sent_items_wait = sent_items_wait
         self.max_request_bytes = max_request_bytes
         self.upload_chunk = upload_chunk
+        self._redact = redact
         self.where = f"Microsoft Graph ({client.base_url}/{who})"
 
     def __enter__(self) -> GraphSender:
@@ -273,6 +276,8 @@ class GraphSender:
             doing=doing,
         ).json()
         upload_url = str(session["uploadUrl"])
+        if self._redact is not None:
+            self._redact(upload_url)  # pre-authenticated: a secret wherever it might be logged (urllib3 debug)
         for offset, piece in attachment.chunks(self.upload_chunk):
             self._put_chunk(upload_url, offset, piece, attachment.size, doing)
 

@@ -12,12 +12,13 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from airflow.sdk import BaseHook
 
 from airflow_provider_o365mail import hints
 from airflow_provider_o365mail.auth.lease import LeaseTiming, RefreshLease
-from airflow_provider_o365mail.auth.masking import mask_proxies
+from airflow_provider_o365mail.auth.masking import mask_access_token, mask_proxies
 from airflow_provider_o365mail.auth.tokens import AccessToken, TokenManager
 from airflow_provider_o365mail.auth.xoauth2 import xoauth2_responder, xoauth2_string
 from airflow_provider_o365mail.connection import (
@@ -598,6 +599,7 @@ class O365MailHook(BaseHook):
         client_options = options.pop("client_options", {})
         if "sleep" in options:
             client_options.setdefault("sleep", options["sleep"])
+        options.setdefault("redact", _redact_url)
         return GraphSender(
             self.graph_client(mailbox, **client_options), who=who, can_draft=self.graph_can_read(), **options
         )
@@ -757,6 +759,14 @@ def _cross_host_lock(variables: VariableBackend, name: str, key: str, timing: Le
             yield
         finally:
             lease.release()
+
+
+def _redact_url(url: str) -> None:
+    """Register a pre-authenticated URL's credential (``authtoken``) with the secret maskers for an hour
+    (an upload session lasts minutes; like an access token, it is forgotten once useless)."""
+    for values in parse_qs(urlsplit(url).query).values():
+        for value in values:
+            mask_access_token(value, time.time() + 3600)
 
 
 def _configured_budget() -> int:
