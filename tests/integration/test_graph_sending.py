@@ -7,6 +7,7 @@ provider's or the stand-in's word.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -262,3 +263,41 @@ def test_auto_keeps_smtp_while_it_works(graph_conn, o365_sandbox, o365_admin):
     message_id = O365MailHook(conn_id).send_email(to=sbx.second_user, subject=unique("auto smtp"), text_content="x")
     assert delivered_once(sbx, conn_id, sbx.second_user, [message_id]) == {message_id: 1}
     assert message_id not in {d.get("message_id") for d in o365_admin.graph_deliveries()}
+
+
+def test_send_as_a_shared_mailbox_with_rights_and_mail_send_shared(graph_conn, o365_sandbox, o365_admin):
+    sbx = o365_sandbox
+    conn_id = graph_conn(graph_permissions="Mail.Send Mail.ReadWrite Mail.Send.Shared")
+    o365_admin.graph_mailbox(sbx.shared_mailbox, send_as=[sbx.user])
+    subject = unique("send as shared")
+    message_id = O365MailHook(conn_id).send_email(
+        from_email=sbx.shared_mailbox, to=sbx.second_user, subject=subject, text_content="x"
+    )
+    (msg,) = wait_for_messages(sbx, sbx.second_user, with_subject(subject))
+    assert msg["Message-ID"] == message_id
+    assert msg["From"].addresses[0].addr_spec == sbx.shared_mailbox
+
+
+def test_app_only_sends_as_the_mailbox_through_users_path(o365_sandbox, o365_admin, monkeypatch, tmp_path):
+    sbx = o365_sandbox
+    o365_admin.graph_reset()
+    extra = sbx.connection_extra(
+        grant_type="client_credentials",
+        scopes="https://outlook.office365.com/.default",
+        transport="graph",
+        graph_url=sbx.graph_url,
+    )
+    del extra["refresh_token"]
+    conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
+    body = {"conn_type": "o365mail", "login": sbx.app_client_id, "password": sbx.app_client_secret, "extra": extra}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(body))
+    hook = O365MailHook(conn_id)
+    assert hook.settings.graph_scopes == (f"{GRAPH}/.default",)
+    tag = unique("app-only")
+    small = hook.send_email(to=sbx.second_user, subject=f"{tag} small", text_content="x")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(5 * MiB))
+    large = hook.send_email(to=sbx.second_user, subject=f"{tag} large", text_content="y", files=[big])
+    assert set(delivered_once(sbx, conn_id, sbx.second_user, [small, large]).values()) == {1}
+    mailboxes = {d.get("message_id"): d.get("mailbox") for d in o365_admin.graph_deliveries()}
+    assert mailboxes[small] == mailboxes[large] == sbx.user
