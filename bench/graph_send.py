@@ -6,8 +6,10 @@ Variants (the same small HTML message, to the sandbox's second user):
    with the base64 MIME; drafts and upload sessions over 4 MB).
 2. ours, Graph, app-only: the same with client credentials (``/users/{mailbox}/sendMail``), the
    anchor's way of signing in.
-3. ours, SMTP: the same hook with ``transport: smtp`` (one session per batch, XOAUTH2).
-4. the anchor: ``airflow.providers.microsoft.azure.hooks.msgraph.send_email``, the Graph
+3. the floor: ``/me/sendMail`` with pre-built base64 MIME and the warm token over one ``requests``
+   session, nothing else.
+4. ours, SMTP: the same hook with ``transport: smtp`` (one session per batch, XOAUTH2).
+5. the anchor: ``airflow.providers.microsoft.azure.hooks.msgraph.send_email``, the Graph
    ``[email] email_backend`` of apache-airflow-providers-microsoft-azure (``MSGraphMailHook``, JSON
    ``sendMail``, app-only client credentials, attachments inline and capped at 3 MB in all). It runs
    in its own venv (``--anchor-venv``, created on first use with pip and the constraints of the running
@@ -23,8 +25,8 @@ Figures:
   SMTP, sessions, round trips and replies counted at ``smtplib`` in this process.
 - delivery: every message of every round counted by Message-ID over IMAP in the recipient's INBOX.
 - peak RSS of a fresh child process sending one message with a ``--attachment-mb`` attachment (50 and
-  100 MB by default; random bytes), and its growth over the same process just before the send (tokens
-  and imports warm). Each delivered attachment is fetched over IMAP and compared by SHA-256. The
+  100 MB by default; random bytes): during the send (``VmHWM`` reset just before it, tokens and imports
+  warm), its growth over the RSS just before, and over the process's life. Each delivered attachment is fetched over IMAP and compared by SHA-256. The
   anchor is given the same file: it refuses anything over 3 MB, and its error text is printed.
 
 Set-up on the stand-ins, printed with the results: the sending mailbox's MaxSendSize is raised to 150 MB
@@ -41,6 +43,7 @@ then ``python bench/graph_send.py --env-file .sandbox.env [--messages 40 --repea
 from __future__ import annotations
 
 import argparse
+import base64
 import email
 import hashlib
 import itertools
@@ -65,6 +68,7 @@ GRAPH = "ours: Graph, delegated"
 GRAPH_APP = "ours: Graph, app-only"
 SMTP = "ours: SMTP"
 ANCHOR = "anchor: msgraph send_email (app-only)"
+RAW = "raw requests sendMail, prebuilt (floor)"
 GRAPH_CONN_ID = "o365mail_bench_graph"
 GRAPH_APP_CONN_ID = "o365mail_bench_graph_app"
 ANCHOR_CONN_ID = "msgraph_bench"  # bench/anchor_msgraph.py's
@@ -109,6 +113,7 @@ def main() -> None:
     os.environ[f"AIRFLOW_CONN_{GRAPH_APP_CONN_ID.upper()}"] = json.dumps(app)
 
     from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+    from airflow_provider_o365mail.testing.admin import tls_session
     from airflow_provider_o365mail.testing.sandbox import Sandbox
 
     hooks = {
@@ -129,7 +134,8 @@ def main() -> None:
 
     anchor = AnchorWorker(anchor_python, sbx)
     measuring = False
-    app_ids = {GRAPH: sbx.client_id, GRAPH_APP: sbx.app_client_id, SMTP: sbx.client_id}
+    app_ids = {GRAPH: sbx.client_id, GRAPH_APP: sbx.app_client_id, SMTP: sbx.client_id, RAW: sbx.client_id}
+    raw_session = tls_session(sbx.ca_file)
 
     def subject_prefix(variant: str) -> str:
         return f"bench {run_tag} {VARIANT_KEYS[variant]} "
@@ -167,6 +173,33 @@ def main() -> None:
 
         return run
 
+    def raw(n: int) -> Callable[[], float]:
+        """``/me/sendMail`` with pre-built base64 MIME and the warm token over one HTTPS session: the floor."""
+
+        def run() -> float:
+            batch = next(batches)
+            hook = hooks[GRAPH]
+            bodies = [
+                base64.b64encode(
+                    hook.compose(
+                        to=recipient, subject=f"{subject_prefix(RAW)}{batch} #{i}", html_content=body(i)
+                    ).as_bytes()
+                )
+                for i in range(n)
+            ]
+            headers = {"Authorization": f"Bearer {hook.graph_access_token().token}", "Content-Type": "text/plain"}
+            before = counters(admin, sbx, app_ids[RAW], sender, smtp_calls)
+            started = time.perf_counter()
+            for data in bodies:
+                raw_session.post(
+                    f"{sbx.graph_url}/v1.0/me/sendMail", data=data, headers=headers, timeout=30
+                ).raise_for_status()
+            elapsed = time.perf_counter() - started
+            record(RAW, n, before, counters(admin, sbx, app_ids[RAW], sender, smtp_calls))
+            return elapsed
+
+        return run
+
     def record(variant: str, n: int, before: dict, after: dict) -> None:
         sent[variant] += n
         if measuring:
@@ -175,6 +208,7 @@ def main() -> None:
 
     def variants(n: int, with_anchor: bool) -> dict[str, Callable[[], float]]:
         chosen = {name: ours(name, n) for name in (GRAPH, GRAPH_APP, SMTP)}
+        chosen[RAW] = raw(n)
         if with_anchor:
             chosen[ANCHOR] = anchored(n)
         return chosen
@@ -213,7 +247,7 @@ def main() -> None:
     report(samples, per_batch, arrived, sent, n, memory, sizes, anchor_problem, anchor_errors)
 
 
-VARIANT_KEYS = {GRAPH: "graph", GRAPH_APP: "graph-app", SMTP: "smtp", ANCHOR: "anchor"}
+VARIANT_KEYS = {GRAPH: "graph", GRAPH_APP: "graph-app", SMTP: "smtp", ANCHOR: "anchor", RAW: "raw"}
 
 
 def body(i: int) -> str:
@@ -574,7 +608,10 @@ def report(samples, per_batch, arrived, sent, n, memory, sizes, anchor_problem, 
         print(f"  anchor: {error[1]} send(s) failed: {error[0]}")
     print()
     print("ratios of median throughput (same rounds, interleaved):")
-    rows = [(f"{GRAPH} / {SMTP}", rates[GRAPH].median, rates[SMTP].median)]
+    rows = [
+        (f"{GRAPH} / {SMTP}", rates[GRAPH].median, rates[SMTP].median),
+        (f"raw sendMail (floor) / {GRAPH}", rates[RAW].median, rates[GRAPH].median),
+    ]
     if ANCHOR in rates:
         rows += [
             (f"{GRAPH} / anchor", rates[GRAPH].median, rates[ANCHOR].median),
@@ -585,7 +622,7 @@ def report(samples, per_batch, arrived, sent, n, memory, sizes, anchor_problem, 
     print()
     print(
         "one message with a large attachment, each in a fresh process: RSS just before the send, peak RSS during "
-        "it (VmHWM reset just before) and over the process's life (getrusage):"
+        "it (VmHWM reset just before) and over the process's life (VmHWM):"
     )
     for variant in (GRAPH, SMTP, ANCHOR):
         for mb in sizes:
