@@ -10,7 +10,9 @@
 #   bash bench/run_all.sh [--env-file .sandbox.env] [--log bench-run.log]
 #
 # PYTHON selects the interpreter (default: python on PATH); it must have the provider,
-# apache-airflow-providers-smtp and apache-airflow-providers-imap installed.
+# apache-airflow-providers-smtp and apache-airflow-providers-imap installed. bench/graph_send.py runs
+# its anchor (apache-airflow-providers-microsoft-azure) from a venv of its own: ANCHOR_VENV (default
+# $TMPDIR/o365mail-bench-anchor-venv), created with pip on first use (a few minutes, needs the index).
 set -uo pipefail
 
 env_file=.sandbox.env
@@ -19,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --env-file) env_file="$2"; shift 2 ;;
         --log) log="$2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -60,6 +62,8 @@ run smtp_batch.py --messages 40 --repeat 5 --warmup-messages 10 --kill-messages 
 run imap_poke.py --sizes 1000,10000,100000 --official-max 10000 --repeat 15 --latency-samples 5 --attachment-mb 50
 run imap_events.py --samples 15 --burst 1000 --watchers 1,10,100
 run imap_scale.py --sizes 1,10,100,1000 --repeat 3 --same-spec-size 1000
+run graph_send.py --messages 40 --repeat 5 --warmup-messages 5 --attachment-mb 50,100 \
+    --anchor-venv "${ANCHOR_VENV:-${TMPDIR:-/tmp}/o365mail-bench-anchor-venv}"
 
 echo "== total: $(( $(date +%s) - started )) s; finished $(date -u); uptime: $(uptime)"
 if [[ ${#failed[@]} -gt 0 ]]; then

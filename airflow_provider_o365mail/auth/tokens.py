@@ -47,6 +47,7 @@ from airflow_provider_o365mail.auth.masking import (
 from airflow_provider_o365mail.auth.msal_app import RecordingHttpClient, ResponseRecord, build_app
 from airflow_provider_o365mail.auth.store import TokenStore, fingerprint
 from airflow_provider_o365mail.connection import O365MailSettings
+from airflow_provider_o365mail.connection_defaults import CLOUDS
 from airflow_provider_o365mail.exceptions import (
     AuthorizationError,
     ConnectionConfigError,
@@ -82,6 +83,27 @@ class AccessToken:
 
     def __str__(self) -> str:
         return f"<access token, {self.seconds_left:.0f} s left, from {self.source}>"
+
+
+#: Microsoft Graph's roots in every cloud: the identity platform answers a Graph token's ``scope`` with
+#: the bare permission names ("Mail.Send"), whatever spelling was asked for
+#: ("https://graph.microsoft.com/Mail.Send"), and MSAL caches the token under that answer.
+GRAPH_RESOURCES = frozenset(preset.graph_url.rstrip("/") + "/" for preset in CLOUDS.values())
+
+
+def answered_targets(scopes: tuple[str, ...] | list[str]) -> list[list[str]]:
+    """The cache targets a token for ``scopes`` may be stored under: as asked, and with Graph's
+    permissions unqualified as the identity platform answers them (``.default`` stays qualified)."""
+    asked = list(scopes)
+    bare = [
+        scope[len(root) :] if (root := _graph_root(scope)) and not scope.endswith("/.default") else scope
+        for scope in asked
+    ]
+    return [asked] if bare == asked else [asked, bare]
+
+
+def _graph_root(scope: str) -> str | None:
+    return next((root for root in GRAPH_RESOURCES if scope.lower().startswith(root)), None)
 
 
 @dataclass
@@ -256,13 +278,13 @@ class TokenManager:
         return _Loaded(cache, stored.seed_fingerprint, stored.fence, stored.stale_key)
 
     def _matching_access_tokens(self, cache: msal.SerializableTokenCache) -> list[dict]:
-        return list(
-            cache.search(
-                msal.TokenCache.CredentialType.ACCESS_TOKEN,
-                target=list(self.settings.scopes),
-                query={"client_id": self.settings.client_id},
-            )
-        )
+        found: dict[str, dict] = {}
+        for target in answered_targets(self.settings.scopes):
+            for item in cache.search(
+                msal.TokenCache.CredentialType.ACCESS_TOKEN, target=target, query={"client_id": self.settings.client_id}
+            ):
+                found.setdefault(item["secret"], item)
+        return list(found.values())
 
     def _cached_access_token(self, cache: msal.SerializableTokenCache) -> AccessToken | None:
         now = time.time()

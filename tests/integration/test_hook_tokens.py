@@ -63,6 +63,20 @@ def test_warm_store_answers_without_the_identity_provider(o365mail_conn, o365_ad
     assert o365_admin.counters() == {}, "a warm store must not call the identity provider at all"
 
 
+def test_warm_store_answers_graph_tokens_without_the_identity_provider(o365mail_conn, o365_admin):
+    """The identity platform answers a Graph token's scope unqualified ("Mail.Send", not
+    "https://graph.microsoft.com/Mail.Send"): the store must still find it, or every Graph request refreshes."""
+    first = O365MailHook(o365mail_conn).graph_access_token()
+    assert first.source == "identity_provider"
+    exchange = O365MailHook(o365mail_conn).access_token()  # both resources' tokens in one store
+    o365_admin.reset_counters()
+    for _ in range(3):
+        again = O365MailHook(o365mail_conn).graph_access_token()  # fresh hook instances
+        assert again.source == "store" and again.token == first.token
+        assert O365MailHook(o365mail_conn).access_token().token == exchange.token
+    assert o365_admin.counters() == {}, "a warm store must not call the identity provider for Graph either"
+
+
 def test_rotation_is_persisted_across_processes_in_strict_mode(o365mail_conn, o365_admin, o365_sandbox):
     o365_admin.update_settings(strict_rotation=True)
     seed = json.loads(os.environ[f"AIRFLOW_CONN_{o365mail_conn.upper()}"])["extra"]["refresh_token"]
