@@ -112,6 +112,33 @@ def test_the_switch_is_logged_once_per_key_and_smtp_is_not_tried_again(clock, ca
     assert [name for name, _ in world.sent] == ["graph"] * 7
 
 
+def test_two_tasks_refused_at_once_log_the_switch_once(clock, caplog):
+    """Both tasks tried SMTP before either had remembered the refusal: one warning, both by Graph."""
+    world = World(clock)
+    second = world.auto()
+    second_message = message(2)
+
+    class RefusedWhileAnotherTries(FakeSender):
+        def send(self, m, **options):
+            if self.name == "smtp" and not world.sent:
+                second.send(second_message)  # the other task meets the refusal first
+            return super().send(m, **options)
+
+    first = SmtpThenGraph(
+        lambda: RefusedWhileAnotherTries("smtp", world.made, world.sent, DISABLED),
+        lambda: FakeSender("graph", world.made, world.sent),
+        key=("o365mail_a", "alex@x.example"),
+        what="alex@x.example (connection o365mail_a)",
+        clock=clock,
+    )
+    first_message = message(1)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), first, second:
+        first.send(first_message)
+    assert world.made.count("smtp") == 2
+    assert world.sent == [("graph", second_message.message_id), ("graph", first_message.message_id)]
+    assert len(switch_warnings(caplog)) == 1
+
+
 def test_smtp_is_tried_again_after_remember_seconds(clock):
     world = World(clock)
     with world.auto() as auto:
@@ -163,6 +190,7 @@ def test_the_marker_is_recognised_alone_or_by_its_words():
         MailAuthenticationError("Authentication unsuccessful, SmtpClientAuthentication is disabled")
     )
     assert not smtp_auth_disabled(MailAuthenticationError("535 5.7.3 Authentication unsuccessful"))
+    assert not smtp_auth_disabled(MessageRejectedError("550 5.7.139 refused after the login")), "only a login refusal"
 
 
 def test_closing_closes_the_senders_it_opened(clock):
