@@ -37,16 +37,21 @@ MAX_GROWTH = 40 * MiB
 
 SEND_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+
+    def peak_rss():
+        # VmHWM: this process's own peak (getrusage's ru_maxrss starts at the forking parent's peak).
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
     conn_id, to, subject, path = sys.argv[1:5]
     hook = O365MailHook(conn_id)
     # Warm up (imports, tokens, TLS, the code path) with a small mail, then measure the large one.
     hook.send_email(to=to, subject=subject + " warm-up", text_content="warm-up")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     message_id = hook.send_email(to=to, subject=subject, text_content="see attached", files=[path])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak_rss()
     print(json.dumps({"message_id": message_id, "peak_before": before, "peak_after": after}))
     """
 )
@@ -86,8 +91,8 @@ def hundred_mib_file(tmp_path_factory):
 
 
 def attachment_sha256(sbx, upn: str, message_id: str) -> list[tuple[str, str]]:
-    """``(content type, sha256)`` of each non-text part of the INBOX message, decoded from IMAP a piece
-    at a time (the part is fetched on its own, not the whole message parsed)."""
+    """``(content type, sha256)`` of each non-text part of the INBOX message, fetched over IMAP 8 MiB at
+    a time (partial FETCH) and decoded as it comes: the test process never holds the whole part."""
     with mb.imap_session(sbx, upn) as client:
         client.select_folder("INBOX", readonly=True)
         (uid,) = client.search(["HEADER", "Message-ID", message_id])
@@ -97,24 +102,20 @@ def attachment_sha256(sbx, upn: str, message_id: str) -> list[tuple[str, str]]:
         for number, part in enumerate(parts, 1):
             if isinstance(part[0], list) or part[0].lower() in (b"text", b"multipart"):
                 continue
-            key = f"BODY[{number}]".encode()
-            raw = client.fetch([uid], [f"BODY.PEEK[{number}]"])[uid][key]
-            found.append((f"{part[0].decode()}/{part[1].decode()}".lower(), _sha256_of_base64(raw)))
-            del raw
+            digest, carry, offset, step = hashlib.sha256(), b"", 0, 8 * MiB
+            while True:
+                answer = client.fetch([uid], [f"BODY.PEEK[{number}]<{offset}.{step}>"])[uid]
+                piece = next(v for k, v in answer.items() if k.startswith(f"BODY[{number}]".encode())) or b""
+                text = carry + piece.replace(b"\r", b"").replace(b"\n", b"")
+                usable = len(text) - len(text) % 4
+                digest.update(base64.b64decode(text[:usable], validate=True))
+                carry = text[usable:]
+                offset += len(piece)
+                if len(piece) < step:
+                    break
+            assert not carry, "the base64 body ends on a whole group"
+            found.append((f"{part[0].decode()}/{part[1].decode()}".lower(), digest.hexdigest()))
     return found
-
-
-def _sha256_of_base64(raw: bytes) -> str:
-    digest = hashlib.sha256()
-    carry = b""
-    step = 4 * MiB
-    for start in range(0, len(raw), step):
-        text = carry + bytes(raw[start : start + step]).replace(b"\r", b"").replace(b"\n", b"")
-        usable = len(text) - len(text) % 4
-        digest.update(base64.b64decode(text[:usable], validate=True))
-        carry = text[usable:]
-    assert not carry, "the base64 body ends on a whole group"
-    return digest.hexdigest()
 
 
 def send_in_subprocess(conn_id: str, to: str, subject: str, path) -> subprocess.Popen:
