@@ -6,7 +6,8 @@
   its attachments; each attachment is added to it (under 3 MB in one request, larger ones through an
   upload session in chunks of 12 x 320 KiB read from the file), then the draft is sent. A chunk whose
   answer was lost is sent again, and Graph's "not the next expected range" then means it had arrived:
-  the upload resumes after it. Needs Mail.ReadWrite.
+  the upload resumes after it. A draft whose building failed (before its send was asked for) is
+  deleted, so no unsent copy with large attachments stays in Drafts. Needs Mail.ReadWrite.
 - A send whose answer was lost (a timeout, a dropped connection, a 504) may have been accepted: the
   message is looked up in Sent Items (by ``internetMessageId``) before it is sent again
   (:mod:`..core.sent_items`). Every other request is retried on throttling and 5xx (:mod:`.client`).
@@ -216,11 +217,16 @@ class GraphSender:
             "POST", f"{self.who}/messages", data=skeleton, headers={"Content-Type": "text/plain"}, doing=doing
         ).json()
         draft_path = f"{self.who}/messages/{quote(str(draft['id']), safe='')}"
-        for attachment in attachments:
-            if attachment.size >= UPLOAD_SESSION_MIN:
-                self._upload(message, draft_path, attachment)
-            else:
-                self._attach(message, draft_path, attachment)
+        try:
+            for attachment in attachments:
+                if attachment.size >= UPLOAD_SESSION_MIN:
+                    self._upload(message, draft_path, attachment)
+                else:
+                    self._attach(message, draft_path, attachment)
+        except Exception:
+            # Nothing was sent: the draft (with up to 150 MB of attachments) would stay in Drafts.
+            self._discard_draft(message, draft_path)
+            raise
         if on_sending is not None:
             on_sending(message.message_id)
         self.client.request(
@@ -236,6 +242,20 @@ class GraphSender:
             len(attachments),
             f"{sum(a.size for a in attachments):,}",
         )
+
+    def _discard_draft(self, message: OutgoingMessage, draft_path: str) -> None:
+        """Delete a draft whose building failed (never after its send was requested: a sent draft's id may
+        name the Sent Items copy that the lookup counts). Best effort: a failure is logged."""
+        try:
+            self.client.request(
+                "DELETE", draft_path, doing=f"deleting the unsent draft of message {message.message_id}"
+            )
+        except Exception as err:  # the draft stays; say where
+            log.warning(
+                "Could not delete the unsent draft of message %s from Drafts (%s); delete it by hand if it stays.",
+                message.message_id,
+                f"{type(err).__name__}: {err}"[:300],
+            )
 
     def _attach(self, message: OutgoingMessage, draft_path: str, attachment: DetachedAttachment) -> None:
         if base64_length(attachment.size) + JSON_ALLOWANCE > self.max_request_bytes:

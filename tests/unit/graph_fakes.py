@@ -115,6 +115,8 @@ class FakeGraph:
             return "send"
         if method == "POST" and path.endswith("/messages"):
             return "createMessage"
+        if method == "DELETE" and "/messages/" in path:
+            return "deleteMessage"
         raise AssertionError(f"unexpected request {method} {path}")
 
     def _sendMail(self, path: str, *, data: bytes, headers: dict, **_: Any) -> Answer:
@@ -165,6 +167,11 @@ class FakeGraph:
             del self.sessions[session_id]
             return Answer(201)
         return Answer(200, {"nextExpectedRanges": [f"{end + 1}-"]})
+
+    def _deleteMessage(self, path: str, **_: Any) -> Answer:
+        draft = self._draft(path)
+        self.drafts = {k: v for k, v in self.drafts.items() if v is not draft}
+        return Answer(204)
 
     def _send(self, path: str, **_: Any) -> Answer:
         draft = self._draft(path)

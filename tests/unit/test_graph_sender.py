@@ -190,6 +190,33 @@ def test_a_lost_last_chunk_starts_over_with_a_new_draft(graph, clock, tmp_path):
     (delivered,) = graph.delivered
     assert attachments_of(delivered) == expected
     assert len(clock.slept) == 1
+    assert graph.drafts == {}, "the abandoned draft was deleted, the other one sent"
+    assert graph.events.index("deleteMessage") < graph.events.index("on_sending")
+
+
+def test_a_draft_that_cannot_be_deleted_is_left_with_a_warning_and_the_mail_still_goes(graph, clock, tmp_path, caplog):
+    message, expected = large_message(tmp_path)
+    graph.fault("uploadChunk", graph_refusal(404, "itemNotFound"), skip=1)
+    graph.fault("deleteMessage", graph_refusal(403, "ErrorAccessDenied"))
+    with caplog.at_level("WARNING", logger="airflow_provider_o365mail.graph.sender"):
+        sender_for(graph, clock).send(message)
+    assert len(graph.drafts) == 1 and len(graph.delivered) == 1
+    assert any("Could not delete the unsent draft" in r.getMessage() for r in caplog.records)
+
+
+def test_a_permanent_failure_while_building_deletes_the_draft_and_sends_nothing(graph, clock, tmp_path):
+    message, _ = large_message(tmp_path)
+    graph.fault("createUploadSession", graph_refusal(400, "ErrorMessageSizeExceeded"))
+    with pytest.raises(MessageTooLargeError):
+        sender_for(graph, clock).send(message, **ledger(graph))
+    assert graph.drafts == {} and graph.delivered == [] and "on_sending" not in graph.events
+
+
+def test_a_draft_whose_send_got_no_answer_is_never_deleted(graph, clock, tmp_path):
+    message, _ = large_message(tmp_path)
+    graph.fault("send", NoAnswer("no answer from Graph (ReadTimeout)"), when="after")
+    sender_for(graph, clock).send(message)
+    assert "deleteMessage" not in graph.events
 
 
 def test_a_lost_upload_session_starts_over(graph, clock, tmp_path):
