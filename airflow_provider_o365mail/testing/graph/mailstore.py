@@ -8,6 +8,7 @@ caller: what a test later reads over IMAP is what Dovecot stored.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import json
 import smtplib
@@ -173,10 +174,8 @@ class MailStore:
         missing = set(listed) - {str(r["mailbox"]) for r in rows}
         if missing:
             for name in sorted(missing):
-                try:
+                with contextlib.suppress(MailStoreError):  # created meanwhile (another request, an IMAP session)
                     self._doveadm("mailbox", "create", "-u", mailbox, name)
-                except MailStoreError:  # created meanwhile by another request or an IMAP session
-                    pass
             rows = self._doveadm("mailbox", "status", "-u", mailbox, fields, "*", json_out=True)
         return [
             FolderInfo(
