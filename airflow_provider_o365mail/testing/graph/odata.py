@@ -204,6 +204,8 @@ class _Parser:
         token_kind, raw = self.take()
         if token_kind == "string":
             value: Any = raw[1:-1].replace("''", "'")
+            if kind == "bool":
+                raise self.fail(f"'{value}' is not an Edm.Boolean")
             if kind == "datetime":
                 try:
                     return parse_datetime(value)
@@ -272,6 +274,8 @@ def _compare(path: str, kind: str, operator: str, expected: Any) -> Callable[[di
 def parse_filter(text: str) -> Filter:
     if not text.strip():
         raise errors.bad_query("The $filter query option is empty.")
+    if re.search(r"/(any|all)\s*\(", text, re.I):
+        raise errors.unsupported("lambda operators (any/all) in $filter")
     return _Parser(text).parse()
 
 
