@@ -32,6 +32,10 @@ WELL_KNOWN_FOLDERS = {
 }
 
 
+#: Folders Dovecot creates on first use (``auto = subscribe``): listed before they exist.
+AUTO_CREATED = frozenset(WELL_KNOWN_FOLDERS.values()) - {"INBOX"}
+
+
 class MailStoreError(RuntimeError):
     pass
 
@@ -168,15 +172,14 @@ class MailStore:
     def folders(self, mailbox: str) -> list[FolderInfo]:
         """Every folder of ``mailbox``; Dovecot's auto-created ones (Drafts, Sent Items, ...) exist only once
         used, so they are created here, as an IMAP client's first SELECT would."""
-        fields = "messages unseen uidvalidity uidnext vsize guid"
-        rows = self._doveadm("mailbox", "status", "-u", mailbox, fields, "*", json_out=True)
         listed = [str(r["mailbox"]) for r in self._doveadm("mailbox", "list", "-u", mailbox, json_out=True)]
+        rows = self._status(mailbox, listed)
         missing = set(listed) - {str(r["mailbox"]) for r in rows}
-        if missing:
-            for name in sorted(missing):
+        if missing & AUTO_CREATED:
+            for name in sorted(missing & AUTO_CREATED):
                 with contextlib.suppress(MailStoreError):  # created meanwhile (another request, an IMAP session)
                     self._doveadm("mailbox", "create", "-u", mailbox, name)
-            rows = self._doveadm("mailbox", "status", "-u", mailbox, fields, "*", json_out=True)
+            rows = self._status(mailbox, listed)
         return [
             FolderInfo(
                 name=str(row["mailbox"]),
@@ -189,6 +192,19 @@ class MailStore:
             )
             for row in rows
         ]
+
+    def _status(self, mailbox: str, names: list[str]) -> list[dict[str, Any]]:
+        """``mailbox status`` of every folder that exists (a deleted parent of a child folder is listed but has no
+        status: it is left out)."""
+        fields = "messages unseen uidvalidity uidnext vsize guid"
+        try:
+            return self._doveadm("mailbox", "status", "-u", mailbox, fields, "*", json_out=True)
+        except MailStoreError:
+            rows = []
+            for name in names:
+                with contextlib.suppress(MailStoreError):
+                    rows += self._doveadm("mailbox", "status", "-u", mailbox, fields, name, json_out=True)
+            return rows
 
     def raw(self, mailbox: str, folder: str, uids: list[int]) -> dict[int, bytes]:
         """The stored MIME of ``uids`` in ``folder`` (CRLF line ends), by UID; absent UIDs are left out."""
