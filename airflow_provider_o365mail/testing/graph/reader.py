@@ -54,6 +54,7 @@ DEFAULT_SELECT = (
 FULL_READ = ("Mail.Read", "Mail.ReadWrite", "Mail.Read.Shared", "Mail.ReadWrite.Shared")
 _CACHE_LIMIT = 2000
 _CACHE_MAX_BYTES = 1024 * 1024
+_MESSAGE_ID_FILTER = re.compile(r"^\s*internetMessageId\s+eq\s+'((?:[^']|'')+)'\s*$", re.I)
 _DELTA_FILTER = re.compile(r"^\s*receivedDateTime\s+(ge|gt)\s+(\S+)\s*$", re.I)
 
 
@@ -308,8 +309,11 @@ class MailReader:
         need_views = search is not None or bool(odata.BODY_PROPERTIES & named)
         draft_ids = {d.uid: d.id for d in self.drafts.of_mailbox(mailbox.address)} if self.drafts else {}
         rows: list[tuple[dict[str, Any], FolderInfo, StoredMessage, mailview.MailView | None]] = []
+        # A lookup by Message-ID (how a sender finds its copy in Sent Items) asks Dovecot for that header only.
+        narrow = _MESSAGE_ID_FILTER.match(query.get("$filter", ""))
+        wanted_id = narrow.group(1).replace("''", "'") if narrow else None
         for info in targets:
-            stored = self.store.find(mailbox.address, info.name)
+            stored = self.store.find(mailbox.address, info.name, wanted_id)
             found = self._views_for(mailbox, info, [s.uid for s in stored]) if need_views else {}
             for item in stored:
                 view = found.get(item.uid)
