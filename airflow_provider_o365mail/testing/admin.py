@@ -355,6 +355,16 @@ class SandboxAdmin:
         """What the stand-in delivered (Message-ID, mailbox, recipients, Sent Items or not), oldest first."""
         return self._graph("GET", "deliveries")["deliveries"]
 
+    def graph_expire_delta(self, mailbox: str | None = None, how: str = "syncStateNotFound") -> int:
+        """Invalidate the Graph stand-in's delta tokens (of ``mailbox``, else all): ``how`` is
+        ``"syncStateNotFound"`` (an expired token) or ``"resyncRequired"`` (410 with a Location to start
+        over from: the synchronization reset of delta-query-overview.md). Returns how many."""
+        return self._graph("POST", "delta/expire", {"mailbox": mailbox, "how": how})["expired"]
+
+    def graph_delta_tokens(self) -> dict[str, int]:
+        """How many delta tokens the Graph stand-in keeps, per mailbox."""
+        return self.graph_state()["delta_tokens"]
+
     def graph_reset_counters(self) -> None:
         self._graph("POST", "counters/reset")
 

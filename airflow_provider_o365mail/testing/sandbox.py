@@ -518,6 +518,13 @@ class Sandbox:
 
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
+    def restart_graph(self) -> None:
+        """Stop and start the Graph stand-in: what it keeps on disk (delta tokens) survives, the rest
+        (settings, faults, counters, drafts) starts from the defaults."""
+        config = json.loads(self.config_file.read_text())
+        self._stop_service(self.graph_pid_file)
+        self._start_graph(config)
+
     def clean_mailboxes(self) -> None:
         mailservers.clean_mailboxes(self.mail_config(json.loads(self.config_file.read_text())))
 

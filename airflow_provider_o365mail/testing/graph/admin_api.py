@@ -1,7 +1,7 @@
 """The Graph stand-in's admin API under ``/_sandbox/admin/graph/`` (header ``X-Sandbox-Admin-Key``).
 
 Settings and limits, mailbox rights, application access policies, injected faults, held requests,
-counters and the log of what was delivered. :class:`~airflow_provider_o365mail.testing.admin.SandboxAdmin`
+counters, the log of what was delivered and the delta tokens (expire or reset them). :class:`~airflow_provider_o365mail.testing.admin.SandboxAdmin`
 has a method for each route.
 """
 
@@ -58,6 +58,7 @@ def routes(
             "fired": list(faults.fired),
             "held": gateway.held,
             "upload_sessions": service.uploads.count(),
+            "delta_tokens": service.reader.deltas.count() if service.reader else {},
         }
 
     def update_settings(_: Request, values: dict) -> dict[str, Any]:
@@ -87,6 +88,12 @@ def routes(
     def deliveries(_: Request, __: dict) -> dict[str, Any]:
         return {"deliveries": list(service.deliveries)}
 
+    def expire_delta(_: Request, values: dict) -> dict[str, Any]:
+        if service.reader is None:
+            raise ValueError("this stand-in serves no reading")
+        how = values.get("how", "syncStateNotFound")
+        return {"expired": service.reader.deltas.expire(values.get("mailbox"), how)}
+
     def reset_counters(_: Request, __: dict) -> dict[str, Any]:
         limits.reset(settings=False)
         faults.fired.clear()
@@ -112,6 +119,7 @@ def routes(
         Route(f"{PREFIX}/release", guarded(release), methods=["POST"]),
         Route(f"{PREFIX}/deliveries", guarded(deliveries), methods=["GET"]),
         Route(f"{PREFIX}/counters/reset", guarded(reset_counters), methods=["POST"]),
+        Route(f"{PREFIX}/delta/expire", guarded(expire_delta), methods=["POST"]),
         Route(f"{PREFIX}/reset", guarded(reset), methods=["POST"]),
         Route("/_sandbox/health", lambda _: JSONResponse({"status": "ok"}), methods=["GET"]),
     ]

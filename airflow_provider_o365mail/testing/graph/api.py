@@ -5,7 +5,16 @@
 - ``POST .../messages/{id}/attachments``: a file attachment under 3 MB; 201
 - ``POST .../messages/{id}/attachments/createUploadSession``: 3 MB to 150 MB; 201 with ``uploadUrl``
 - ``POST .../messages/{id}/send``: send a draft; 202
-- ``GET .../mailFolders/{well-known name}/messages[?$filter=internetMessageId eq '<id>'&$select=...]``
+
+Reading (:mod:`reader`; ``{msg}`` is ``messages/{id}`` or ``mailFolders/{id}/messages/{id}``):
+
+- ``GET .../mailFolders``, ``.../mailFolders/{id}``, ``.../mailFolders/{id}/childFolders``
+- ``GET .../messages``, ``.../mailFolders/{id}/messages`` with ``$select $top $skip $filter $orderby
+  $search`` and ``Prefer: outlook.body-content-type``
+- ``GET .../mailFolders/{id}/messages/delta`` (``Prefer: odata.maxpagesize``)
+- ``GET .../{msg}``, ``.../{msg}/$value``, ``.../{msg}/attachments``, ``.../{msg}/attachments/{id}``,
+  ``.../{msg}/attachments/{id}/$value``
+- ``PATCH .../{msg}`` (isRead, flag), ``POST .../{msg}/move``, ``DELETE .../{msg}``
 """
 
 from __future__ import annotations
@@ -21,13 +30,17 @@ from starlette.routing import Route
 
 from airflow_provider_o365mail.testing.graph import errors
 from airflow_provider_o365mail.testing.graph.gateway import Gateway, content_length
+from airflow_provider_o365mail.testing.graph.reader import FULL_READ
 from airflow_provider_o365mail.testing.graph.responses import RequestIds, Result, failure
 from airflow_provider_o365mail.testing.graph.service import GraphService
 from airflow_provider_o365mail.testing.graph.settings import GraphSettings
 from airflow_provider_o365mail.testing.graph.tokens import Caller, TokenVerifier
 
 _WHO = r"(?:me|users/(?P<ref>[^/]+))"
+_FOLDER = r"mailFolders/(?:[^/]+/childFolders/)*(?P<folder>[^/]+)"
+_MSG = rf"{_WHO}/(?:mailFolders/[^/]+/(?:childFolders/[^/]+/)*)?messages/(?P<id>[^/]+)"
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("GET", re.compile(rf"^{_WHO}/{_FOLDER}/messages/delta$", re.I), "messagesDelta"),
     ("POST", re.compile(rf"^{_WHO}/sendMail$", re.I), "sendMail"),
     ("POST", re.compile(rf"^{_WHO}/messages$", re.I), "createMessage"),
     ("POST", re.compile(rf"^{_WHO}/messages/(?P<id>[^/]+)/attachments$", re.I), "addAttachment"),
@@ -37,8 +50,51 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         "createUploadSession",
     ),
     ("POST", re.compile(rf"^{_WHO}/messages/(?P<id>[^/]+)/send$", re.I), "send"),
-    ("GET", re.compile(rf"^{_WHO}/mailFolders/(?P<folder>[^/]+)/messages$", re.I), "listMessages"),
+    ("GET", re.compile(rf"^{_WHO}/{_FOLDER}/messages$", re.I), "listMessages"),
+    ("GET", re.compile(rf"^{_WHO}/messages$", re.I), "listMessages"),
+    ("GET", re.compile(rf"^{_WHO}/mailFolders$", re.I), "listMailFolders"),
+    ("GET", re.compile(rf"^{_WHO}/{_FOLDER}/childFolders$", re.I), "listChildFolders"),
+    ("GET", re.compile(rf"^{_WHO}/{_FOLDER}$", re.I), "getMailFolder"),
+    ("GET", re.compile(rf"^{_MSG}$", re.I), "getMessage"),
+    ("PATCH", re.compile(rf"^{_MSG}$", re.I), "updateMessage"),
+    ("DELETE", re.compile(rf"^{_MSG}$", re.I), "deleteMessage"),
+    ("GET", re.compile(rf"^{_MSG}/\$value$", re.I), "getMessageValue"),
+    ("POST", re.compile(rf"^{_MSG}/move$", re.I), "moveMessage"),
+    ("GET", re.compile(rf"^{_MSG}/attachments$", re.I), "listAttachments"),
+    ("GET", re.compile(rf"^{_MSG}/attachments/(?P<attachment>[^/]+)$", re.I), "getAttachment"),
+    ("GET", re.compile(rf"^{_MSG}/attachments/(?P<attachment>[^/]+)/\$value$", re.I), "getAttachmentValue"),
 ]
+#: Read operations (:class:`MailReader`), and those that answer in the message body format of ``Prefer``.
+READ_OPERATIONS = frozenset(
+    {
+        "messagesDelta",
+        "listMessages",
+        "listMailFolders",
+        "listChildFolders",
+        "getMailFolder",
+        "getMessage",
+        "updateMessage",
+        "deleteMessage",
+        "getMessageValue",
+        "moveMessage",
+        "listAttachments",
+        "getAttachment",
+        "getAttachmentValue",
+    }
+)
+
+
+def preferences(header: str | None) -> tuple[str, int | None]:
+    """``Prefer``: the body format (``outlook.body-content-type``) and ``odata.maxpagesize``."""
+    body_type, page_size = "html", None
+    for item in (header or "").split(","):
+        name, _, value = item.strip().partition("=")
+        value = value.strip().strip('"').lower()
+        if name.strip().lower() == "outlook.body-content-type" and value in ("text", "html"):
+            body_type = value
+        elif name.strip().lower() == "odata.maxpagesize" and value.isdigit() and int(value) > 0:
+            page_size = int(value)
+    return body_type, page_size
 
 
 def match(method: str, path: str) -> tuple[str, dict[str, str]]:
@@ -97,9 +153,59 @@ def routes(
             if operation == "send":
                 service.send_draft(caller, mailbox, params["id"])
                 return Result(202)
+            return read(operation, params, caller, mailbox, body)
+
+        def read(operation: str, params: dict[str, str], caller: Caller, mailbox: Any, body: bytes) -> Result:
+            reader = service.reader
             query = dict(request.query_params)
             base = str(request.url.replace(query=""))
-            return Result(200, service.list_messages(mailbox, params["folder"], query, base))
+            body_type, page_size = preferences(request.headers.get("prefer"))
+            full = caller.has(*FULL_READ)
+            shown = {"body_type": body_type}
+            applied = {"Preference-Applied": f'outlook.body-content-type="{body_type}"'} if body_type == "text" else {}
+            folder, message_id = params.get("folder"), params.get("id", "")
+            if operation == "listMailFolders":
+                return Result(200, reader.list_folders(mailbox, None, query, base))
+            if operation == "listChildFolders":
+                return Result(200, reader.list_folders(mailbox, folder, query, base))
+            if operation == "getMailFolder":
+                return Result(200, reader.get_folder(mailbox, folder or ""))
+            if operation == "listMessages":
+                return Result(200, reader.list_messages(mailbox, folder, query, base, full=full, **shown), applied)
+            if operation == "messagesDelta":
+                root = f"{request.url.scheme}://{request.url.netloc}/v1.0/" + (
+                    f"users/{reference}" if reference else "me"
+                )
+                answer = reader.delta(
+                    mailbox,
+                    folder or "",
+                    query,
+                    lambda folder_id: f"{root}/mailFolders/{folder_id}/messages/delta",
+                    max_page_size=page_size,
+                    full=full,
+                    **shown,
+                )
+                if page_size:
+                    applied = {**applied, "Preference-Applied": f"odata.maxpagesize={page_size}"}
+                return Result(200, answer, applied)
+            if operation == "getMessage":
+                return Result(200, reader.get_message(mailbox, message_id, query, full=full, **shown), applied)
+            if operation == "getMessageValue":
+                mime = reader.message_mime(mailbox, message_id)
+                return Result(200, content=mime, media_type=settings.mime_content_type)
+            if operation == "listAttachments":
+                return Result(200, reader.list_attachments(mailbox, message_id))
+            if operation == "getAttachment":
+                return Result(200, reader.get_attachment(mailbox, message_id, params["attachment"], query))
+            if operation == "getAttachmentValue":
+                data, media_type = reader.attachment_value(mailbox, message_id, params["attachment"])
+                return Result(200, content=data, media_type=media_type)
+            if operation == "updateMessage":
+                return Result(200, reader.update_message(mailbox, message_id, body, **shown))
+            if operation == "moveMessage":
+                return Result(201, reader.move_message(mailbox, message_id, body, **shown))
+            reader.delete_message(mailbox, message_id)
+            return Result(204)
 
         return await gateway.run(request, operation, admit, work, body_limit=settings.max_request_bytes)
 

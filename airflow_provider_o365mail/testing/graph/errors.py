@@ -97,6 +97,52 @@ def item_not_found() -> GraphError:
     return GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
 
 
+def id_malformed() -> GraphError:
+    """An ID that is not one (observed answer of Exchange; Microsoft's docs do not list it: UNCONFIRMED)."""
+    return GraphError(400, "ErrorInvalidIdMalformed", "Id is malformed.")
+
+
+# ---------------------------------------------------------------------- reading: query options and delta
+def bad_query(message: str) -> GraphError:
+    """A query option the service cannot parse (OData's 400 ``BadRequest``)."""
+    return GraphError(400, "BadRequest", message)
+
+
+def unknown_property(name: str) -> GraphError:
+    return GraphError(400, "BadRequest", f"Could not find a property named '{name}' on type 'microsoft.graph.message'.")
+
+
+def inefficient_filter() -> GraphError:
+    """user-list-messages.md: ``$orderby`` properties must lead ``$filter`` in the same order."""
+    return GraphError(400, "InefficientFilter", "The restriction or sort order is too complex for this operation.")
+
+
+def search_with(option: str) -> GraphError:
+    """``$search`` with ``$filter`` or ``$orderby`` on messages: codes and messages observed in the field
+    (SearchWithFilter, SearchWithOrderBy); the documentation only says the combination is unsupported."""
+    code = {"$filter": "SearchWithFilter", "$orderBy": "SearchWithOrderBy"}.get(option, "BadRequest")
+    return GraphError(400, code, f"The query parameter '{option}' is not supported with '$search'.")
+
+
+def sync_state_not_found(status: int) -> GraphError:
+    """An expired or unknown delta token (delta-query-overview.md: "a 40X-series error" with this code)."""
+    return GraphError(
+        status,
+        "syncStateNotFound",
+        "The sync state generation is not found. The delta token is expired and data must be synchronized again.",
+    )
+
+
+def resync_required(location: str) -> GraphError:
+    """delta-query-overview.md, Synchronization reset: 410 with a Location to start over from."""
+    return GraphError(
+        410,
+        "resyncRequired",
+        "The delta token is no longer valid, and the app must reset the sync state.",
+        headers={"Location": location},
+    )
+
+
 # ---------------------------------------------------------------------- request content (400, 413)
 def bad_json() -> GraphError:
     return GraphError(

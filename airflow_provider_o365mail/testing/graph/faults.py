@@ -28,6 +28,18 @@ OPERATIONS = (
     "cancelUpload",
     "send",
     "listMessages",
+    "listMailFolders",
+    "listChildFolders",
+    "getMailFolder",
+    "getMessage",
+    "getMessageValue",
+    "listAttachments",
+    "getAttachment",
+    "getAttachmentValue",
+    "updateMessage",
+    "moveMessage",
+    "deleteMessage",
+    "messagesDelta",
 )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from airflow_provider_o365mail.testing.graph import errors
 from airflow_provider_o365mail.testing.graph.errors import GraphError
@@ -34,10 +34,25 @@ class Result:
     status: int
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: Raw bytes instead of JSON (a MIME ``/$value``, an attachment's ``/$value``), sent in chunks.
+    content: bytes | None = None
+    media_type: str = "application/octet-stream"
+
+
+STREAM_CHUNK = 64 * 1024
 
 
 def success(ids: RequestIds, result: Result) -> Response:
     headers = {**ids.headers(), **result.headers}
+    if result.content is not None:
+        data = result.content
+
+        async def chunks():
+            for start in range(0, len(data), STREAM_CHUNK):
+                yield data[start : start + STREAM_CHUNK]
+
+        headers["Content-Length"] = str(len(data))
+        return StreamingResponse(chunks(), status_code=result.status, headers=headers, media_type=result.media_type)
     if result.json is None:
         return Response(status_code=result.status, headers={**headers, "Content-Length": "0"})
     return JSONResponse(result.json, status_code=result.status, headers=headers)

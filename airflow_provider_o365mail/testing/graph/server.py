@@ -20,11 +20,14 @@ from starlette.applications import Starlette
 
 from airflow_provider_o365mail.testing.admin import tls_session
 from airflow_provider_o365mail.testing.graph import admin_api, api, upload_host
+from airflow_provider_o365mail.testing.graph.delta import DeltaStore
 from airflow_provider_o365mail.testing.graph.drafts import DraftStore
 from airflow_provider_o365mail.testing.graph.faults import FaultQueue
 from airflow_provider_o365mail.testing.graph.gateway import Gateway
+from airflow_provider_o365mail.testing.graph.ids import IdCodec
 from airflow_provider_o365mail.testing.graph.limits import Limits
 from airflow_provider_o365mail.testing.graph.mailstore import MailStore
+from airflow_provider_o365mail.testing.graph.reader import MailReader
 from airflow_provider_o365mail.testing.graph.responses import TransportCapture
 from airflow_provider_o365mail.testing.graph.service import GraphService
 from airflow_provider_o365mail.testing.graph.settings import GraphSettings
@@ -76,15 +79,24 @@ def build_app(state_dir: Path) -> tuple[Any, dict]:
 
     settings, limits, faults, uploads = GraphSettings(), Limits(), FaultQueue(), UploadBook()
     gateway = Gateway(limits, faults)
+    store, drafts = MailStore(mail), DraftStore(state_dir / "graph" / "spool")
+    reader = MailReader(
+        store,
+        drafts,
+        settings,
+        IdCodec(config["admin_key"]),
+        DeltaStore(state_dir / "graph" / "delta", settings.delta_token_cache),
+    )
     service = GraphService(
         tenant,
-        MailStore(mail),
-        DraftStore(state_dir / "graph" / "spool"),
+        store,
+        drafts,
         uploads,
         settings,
         tenant_id=config["tenant_id"],
         id_domain=f"graph.{config['tenant_domain']}",
         record_secret=record_secret,
+        reader=reader,
     )
     verifier = TokenVerifier(config["tenant_id"], fetch_keys, tenant.now)
     upload_root = f"https://{UPLOAD_HOST}:{config['graph_upload_port']}"

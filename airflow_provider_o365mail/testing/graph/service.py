@@ -8,8 +8,13 @@ operation              delegated, own mailbox       delegated, another mailbox  
 sendMail, send         Mail.Send                    Mail.Send.Shared + Full Access      Mail.Send
 drafts, attachments    Mail.ReadWrite               Mail.ReadWrite.Shared + Full Access Mail.ReadWrite
 createUploadSession    Mail.ReadWrite               always 403 (documented known issue) Mail.ReadWrite
-list messages          Mail.ReadBasic/Read/RW       Mail.Read(Write).Shared + Full Acc. Mail.ReadBasic.All/Read/RW
+list/get folders,      Mail.ReadBasic/Read/RW       Mail.ReadBasic/Read(Write).Shared   Mail.ReadBasic.All/Read/RW
+messages, delta                                     + Full Access
+$value, attachments    Mail.Read/RW                 Mail.Read(Write).Shared + Full Acc. Mail.Read/RW
+PATCH, move, DELETE    Mail.ReadWrite               Mail.ReadWrite.Shared + Full Access Mail.ReadWrite
 =====================  ===========================  ==================================  ============================
+
+Mail.ReadBasic reads everything but the body, the preview and the attachments (permissions reference).
 
 A ``from`` other than the sending account needs Send As or Send on Behalf on that address (and, for a
 delegated token, Mail.Send.Shared), else 403 ``ErrorSendAsDenied``. The sending account is the
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import email
 import email.utils
-import re
 import secrets
 import threading
 import time
@@ -29,12 +33,12 @@ from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from typing import Any
-from urllib.parse import urlencode
 
 from airflow_provider_o365mail.testing.graph import errors, messages, views
 from airflow_provider_o365mail.testing.graph.drafts import Draft, DraftStore, StoredAttachment
-from airflow_provider_o365mail.testing.graph.mailstore import WELL_KNOWN_FOLDERS, MailStore
+from airflow_provider_o365mail.testing.graph.mailstore import MailStore
 from airflow_provider_o365mail.testing.graph.messages import Composed
+from airflow_provider_o365mail.testing.graph.reader import MailReader
 from airflow_provider_o365mail.testing.graph.settings import GraphSettings
 from airflow_provider_o365mail.testing.graph.tenant import Mailbox, Tenant
 from airflow_provider_o365mail.testing.graph.tokens import Caller
@@ -52,8 +56,13 @@ SEND = Permission(("Mail.Send",), ("Mail.Send.Shared",), ("Mail.Send",))
 READ_WRITE = Permission(("Mail.ReadWrite",), ("Mail.ReadWrite.Shared",), ("Mail.ReadWrite",))
 READ = Permission(
     ("Mail.ReadBasic", "Mail.Read", "Mail.ReadWrite"),
-    ("Mail.Read.Shared", "Mail.ReadWrite.Shared"),
+    ("Mail.ReadBasic.Shared", "Mail.Read.Shared", "Mail.ReadWrite.Shared"),
     ("Mail.ReadBasic.All", "Mail.Read", "Mail.ReadWrite"),
+)
+READ_FULL = Permission(
+    ("Mail.Read", "Mail.ReadWrite"),
+    ("Mail.Read.Shared", "Mail.ReadWrite.Shared"),
+    ("Mail.Read", "Mail.ReadWrite"),
 )
 #: The permission each operation needs.
 OPERATION_PERMISSIONS = {
@@ -63,8 +72,19 @@ OPERATION_PERMISSIONS = {
     "addAttachment": READ_WRITE,
     "createUploadSession": READ_WRITE,
     "listMessages": READ,
+    "listMailFolders": READ,
+    "listChildFolders": READ,
+    "getMailFolder": READ,
+    "getMessage": READ,
+    "messagesDelta": READ,
+    "getMessageValue": READ_FULL,
+    "listAttachments": READ_FULL,
+    "getAttachment": READ_FULL,
+    "getAttachmentValue": READ_FULL,
+    "updateMessage": READ_WRITE,
+    "moveMessage": READ_WRITE,
+    "deleteMessage": READ_WRITE,
 }
-MAX_TOP = 1000
 
 
 def parse_bool(value: Any, name: str) -> bool:
@@ -90,6 +110,7 @@ class GraphService:
         tenant_id: str,
         id_domain: str,
         record_secret: Callable[[str], None] = lambda _: None,
+        reader: MailReader | None = None,
     ) -> None:
         self.tenant = tenant
         self.store = store
@@ -99,6 +120,8 @@ class GraphService:
         self.tenant_id = tenant_id
         self.id_domain = id_domain
         self.record_secret = record_secret
+        #: The read operations (folders, messages, attachments, delta); None where only sending is served.
+        self.reader = reader
         self._log_lock = threading.Lock()
         self.deliveries: list[dict[str, Any]] = []
 
@@ -389,33 +412,6 @@ class GraphService:
         self._store_draft_copy(draft, mailbox)
         return stored
 
-    # ------------------------------------------------------------------ reading folders
-    def list_messages(self, mailbox: Mailbox, folder: str, query: dict[str, str], base: str) -> dict[str, Any]:
-        dovecot_folder = WELL_KNOWN_FOLDERS.get(folder.lower())
-        if dovecot_folder is None:
-            raise errors.unsupported(f"mail folder '{folder}' (well-known names only: {', '.join(WELL_KNOWN_FOLDERS)})")
-        message_id = _filter_message_id(query.get("$filter"))
-        selected = [f.strip() for f in query.get("$select", "").split(",") if f.strip()] or None
-        try:
-            top = int(query.get("$top", "10"))
-            skip = int(query.get("$skip", "0"))
-        except ValueError:
-            raise errors.GraphError(400, "BadRequest", "Invalid $top or $skip value.") from None
-        top = max(1, min(top, MAX_TOP))
-        found = sorted(self.store.find(mailbox.address, dovecot_folder, message_id), key=lambda m: -m.received)
-        draft_ids = {d.uid: d.id for d in self.drafts.of_mailbox(mailbox.address)} if dovecot_folder == "Drafts" else {}
-        page = found[skip : skip + top]
-        value = [views.select(views.stored_message(m, mailbox.address, draft_ids.get(m.uid)), selected) for m in page]
-        answer: dict[str, Any] = {
-            "@odata.context": f"{views.GRAPH_ROOT}/$metadata#users('{mailbox.oid}')/mailFolders('{folder}')/messages",
-            "value": value,
-        }
-        if skip + top < len(found):
-            params = {k: v for k, v in query.items() if k not in ("$skip",)}
-            params["$skip"] = str(skip + top)
-            answer["@odata.nextLink"] = f"{base}?{urlencode(params)}"
-        return answer
-
 
 def _parse(raw: bytes) -> EmailMessage:
     return email.message_from_bytes(raw, policy=policy.default)  # type: ignore[return-value]
@@ -424,13 +420,3 @@ def _parse(raw: bytes) -> EmailMessage:
 def _from_of(message: EmailMessage) -> str | None:
     found = email.utils.getaddresses([str(message.get("From", ""))])
     return found[0][1].lower() if found and found[0][1] else None
-
-
-def _filter_message_id(expression: str | None) -> str | None:
-    """``internetMessageId eq '<...>'`` (the one filter the sandbox implements); None without a filter."""
-    if not expression:
-        return None
-    match = re.fullmatch(r"\s*internetMessageId\s+eq\s+'((?:[^']|'')*)'\s*", expression)
-    if match is None:
-        raise errors.unsupported(f"$filter '{expression}' (only internetMessageId eq '<id>')")
-    return match.group(1).replace("''", "'")

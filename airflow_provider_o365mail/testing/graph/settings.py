@@ -38,6 +38,29 @@ class GraphSettings:
     #: Undeliverable recipients (outside the sandbox domain, or no such mailbox) get a non-delivery
     #: report in the sending mailbox's INBOX, after the 202, as Exchange does.
     send_ndr: bool = True
+    # ---------------------------------------------------------------- reading
+    #: Page size of a message or folder listing without $top (user-list-messages.md: 10).
+    list_page_size: int = 10
+    #: A $search answers up to this many messages (search-query-parameter.md: 1000).
+    search_max_results: int = 1000
+    #: DELETE .../messages/{id} moves the message to Deleted Items (what Outlook does; message-delete.md
+    #: says only "delete": UNCONFIRMED); in Deleted Items itself, or with False, it is removed.
+    delete_to_deleted_items: bool = True
+    #: Content-Type of GET .../messages/{id}/$value (message-get.md shows the MIME only: UNCONFIRMED).
+    mime_content_type: str = "text/plain"
+    #: Page size of a delta round without Prefer: odata.maxpagesize or $top (not documented: UNCONFIRMED).
+    delta_page_size: int = 10
+    #: "Applying $filter in a delta query returns only up to 5,000 messages" (delta-query-messages.md).
+    delta_filter_limit: int = 5000
+    #: Status of an expired delta token, code syncStateNotFound ("a 40X-series error",
+    #: delta-query-overview.md; 410 is what clients report: UNCONFIRMED).
+    delta_expired_status: int = 410
+    #: Delta tokens kept per mailbox; older ones are dropped like Outlook's token cache (size UNCONFIRMED).
+    delta_token_cache: int = 5000
+    #: A delta token whose folder's UIDVALIDITY changed (its messages got new IDs): "resync" answers
+    #: syncStateNotFound; "replay" reports every old message removed and every current one created.
+    #: Exchange has no UIDVALIDITY; which it would do is UNCONFIRMED.
+    delta_uidvalidity_change: str = "resync"
 
     def update(self, **values: Any) -> GraphSettings:
         known = {f.name: f for f in fields(self)}
