@@ -301,3 +301,20 @@ def test_app_only_sends_as_the_mailbox_through_users_path(o365_sandbox, o365_adm
     assert set(delivered_once(sbx, conn_id, sbx.second_user, [small, large]).values()) == {1}
     mailboxes = {d.get("message_id"): d.get("mailbox") for d in o365_admin.graph_deliveries()}
     assert mailboxes[small] == mailboxes[large] == sbx.user
+
+
+def test_an_abandoned_draft_is_deleted_and_the_mail_sent_once(graph_conn, o365_sandbox, o365_admin, tmp_path):
+    """The upload session is lost mid-way (404 on a chunk): the draft is deleted and a new one sent; Drafts
+    holds no copy afterwards (counted over IMAP), the recipient exactly one."""
+    sbx = o365_sandbox
+    conn_id = graph_conn()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * MiB))
+    o365_admin.graph_fault(
+        status=404, code="itemNotFound", message="The upload session was not found.", operation="uploadChunk"
+    )
+    message_id = O365MailHook(conn_id).send_email(
+        to=sbx.second_user, subject=unique("abandoned"), files=[big], text_content="x"
+    )
+    assert delivered_once(sbx, conn_id, sbx.second_user, [message_id]) == {message_id: 1}
+    assert copies(sbx, sbx.user, message_id, folder="Drafts") == 0
