@@ -363,6 +363,18 @@ def create_app(directory: Directory, admin_key: str) -> FastAPI:
         service = request.headers.get("x-dovecot-auth-service")
         return JSONResponse(directory.introspect(str(form.get("token", "")), service))
 
+    @app.post("/_sandbox/exchange/policy")
+    async def auth_policy(request: Request) -> JSONResponse:
+        """Dovecot's authentication policy check (before the token is looked at): Exchange's own
+        refusal text for a mailbox whose protocol is disabled, which Postfix passes on to the client."""
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = {}
+        if request.query_params.get("command", "allow") != "allow" or not isinstance(payload, dict):
+            return JSONResponse({"status": 0, "msg": ""})
+        return JSONResponse(directory.auth_policy(str(payload.get("login", "")), str(payload.get("protocol", ""))))
+
     # ------------------------------------------------------------------ admin API
     def require_admin(request: Request) -> None:
         if not secrets.compare_digest(request.headers.get("x-sandbox-admin-key", ""), admin_key):

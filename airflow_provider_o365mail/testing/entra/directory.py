@@ -958,6 +958,19 @@ class Directory:
             return None
 
     # ----------------------------------------------------------------- Exchange's side
+    def auth_policy(self, login: str, protocol: str) -> dict:
+        """Exchange's refusal of a protocol disabled for the mailbox, as Dovecot's policy answer: SMTP AUTH
+        off is ``535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the
+        Mailbox`` at Exchange (the sandbox's Postfix prefixes its own ``535 5.7.8 ... failed:``)."""
+        self.count("auth_policy")
+        user = self.users.get(login.strip().lower())
+        if protocol.lower() == "smtp" and user is not None and not user.smtp_auth_enabled:
+            return {
+                "status": -1,
+                "msg": "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox.",
+            }
+        return {"status": 0, "msg": ""}
+
     def introspect(self, token: str, service: str | None) -> dict:
         """What Exchange would decide about an access token presented to IMAP or SMTP.
 
