@@ -157,3 +157,16 @@ GRAPH_NEEDS_READWRITE = (
     "Graph's Mail.ReadWrite permission is needed for this ({why}); the connection's graph_permissions do not "
     "include it. Add Mail.ReadWrite there and to the app registration, then consent again."
 )
+DEVICE_CODE_WITHOUT_GRAPH = (
+    "The device code consent covers Exchange (SMTP and IMAP) only: a device code is redeemed for one resource, and "
+    "{why}. This connection sends through Microsoft Graph (transport {transport}), which needs consent to {scopes}. "
+    "Fix: authorize once in a browser, which asks for Exchange and Graph together ('airflow o365mail authorize "
+    "--conn-id {conn_id}', or --paste), or have an administrator grant admin consent for those Microsoft Graph "
+    "permissions (Enterprise applications > Permissions > Grant admin consent)."
+)
+GRAPH_CONSENT_MISSING = (
+    "The consent covers Exchange but not Microsoft Graph (AADSTS65001): it was given before the connection sent "
+    "through Graph. Authorize again once (the page's Authorize button or 'airflow o365mail authorize --conn-id "
+    "{conn_id}'): it asks for Exchange and Graph together. Or have an administrator grant admin consent for "
+    "Microsoft Graph {permissions}."
+)

@@ -2,7 +2,10 @@
 
 Shared by ``airflow o365mail authorize`` and the api-server plugin's Authorize button. MSAL builds
 the flow (``initiate_auth_code_flow``: state, nonce and a PKCE verifier) and redeems it
-(``acquire_token_by_auth_code_flow``: checks state and the ID token's nonce). The result is stored
+(``acquire_token_by_auth_code_flow``: checks state and the ID token's nonce). A connection that may
+send through Microsoft Graph (``transport`` graph or auto) asks consent for Exchange and Graph at once
+(``/authorize`` may span resources) and redeems the code for Exchange's scopes only: a token request
+names one resource (else AADSTS28000); the same refresh token later yields Graph tokens. The result is stored
 twice: the refresh token into the connection (when it lives in the metadata DB) and the whole MSAL
 cache into the encrypted token store, so the next task needs no request at all.
 """
@@ -10,6 +13,7 @@ cache into the encrypted token store, so the next task needs no request at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -55,6 +59,8 @@ class ConsentResult:
     refresh_token: str = field(repr=False)
     msal_cache: str = field(repr=False)
     connection_updated: bool = False
+    #: Scopes of other resources consented to in the same sign-in (Microsoft Graph), not in this token.
+    also_consented: tuple[str, ...] = ()
 
 
 def parse_redirect(url_or_query: str) -> dict[str, str]:
@@ -91,9 +97,13 @@ class ConsentFlow:
         )
 
     def start(self, *, login_hint: str | None = None) -> dict[str, Any]:
-        """A new flow: ``flow["auth_uri"]`` is where the browser goes. Keep the flow secret (PKCE verifier)."""
+        """A new flow: ``flow["auth_uri"]`` is where the browser goes. Keep the flow secret (PKCE verifier).
+
+        It asks :attr:`O365MailSettings.consent_scopes`: Exchange's, plus Graph's when the connection may
+        send through Graph, so one sign-in covers both resources.
+        """
         return self._app().initiate_auth_code_flow(
-            list(self.settings.scopes),
+            list(self.settings.consent_scopes),
             redirect_uri=self.redirect_uri,
             login_hint=login_hint or self.settings.mailbox or None,
             prompt="select_account",
@@ -118,7 +128,11 @@ class ConsentFlow:
                 error_codes=mapped.error_codes,
             )
         try:
-            result = self._app().acquire_token_by_auth_code_flow(dict(flow), dict(auth_response))
+            # One resource per token request: the consent may span Exchange and Graph, the redemption
+            # may not (MSAL: "you will need to provide a subset"). Graph tokens come from the refresh token.
+            result = self._app().acquire_token_by_auth_code_flow(
+                dict(flow), dict(auth_response), scopes=list(self.settings.scopes)
+            )
         except ValueError as err:  # MSAL: state mismatch, missing code...
             raise InvalidRequestError(
                 f"Authorization for {conn_id!r} was refused: the response does not belong to this sign-in ({err}). "
@@ -128,7 +142,8 @@ class ConsentFlow:
         mask_result(result)
         if "error" in result:
             raise authorization_error(result, conn_id, public_client=self.settings.public_client)
-        return consent_result(conn_id, result, self._cache)
+        also = tuple(s for s in self.settings.consent_scopes if s not in self.settings.scopes)
+        return dataclasses.replace(consent_result(conn_id, result, self._cache), also_consented=also)
 
 
 def consent_result(conn_id: str, result: dict, cache: msal.SerializableTokenCache) -> ConsentResult:

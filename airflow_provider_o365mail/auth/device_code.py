@@ -6,6 +6,13 @@ device, enters the code and signs in as the mailbox user, while this side polls 
 ``slow_down`` and stops when the code expires). The result is stored like any consent
 (:func:`.consent.store_consent`). Entra ID allows the flow only for an app registration with
 "Allow public client flows" on; later refreshes of the grant send no secret either.
+
+One resource only: unlike the authorization code (redeemed for a subset of what ``/authorize``
+asked), a device code is redeemed without a scope parameter, so it carries the scopes it was
+issued for, and Entra refuses a device code spanning Exchange and Graph (AADSTS28000/70011). It
+asks Exchange's scopes (:attr:`O365MailSettings.scopes`); a connection that sends through Graph
+then needs Graph consent given otherwise (a browser consent, which asks for both, or admin
+consent): ``airflow o365mail authorize --device-code`` checks for it and says so.
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ class DeviceCodeConsent:
         return build_app(s, cache=self._cache, http_client=http)  # type: ignore[return-value]
 
     def start(self) -> DeviceCode:
-        """Ask for a device code; :class:`AuthorizationError` (with the fix) when the request is refused."""
+        """Ask for a device code (Exchange's scopes: one resource, see the module docstring);
+        :class:`AuthorizationError` (with the fix) when the request is refused."""
         assert self._app is not None
         try:
             flow = self._app.initiate_device_flow(scopes=list(self.settings.scopes))

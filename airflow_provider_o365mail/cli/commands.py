@@ -13,8 +13,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from airflow_provider_o365mail import hints
 from airflow_provider_o365mail.auth.consent import ConsentFlow, ConsentResult, parse_redirect, store_consent
 from airflow_provider_o365mail.connection import settings_from_connection
+from airflow_provider_o365mail.connection_defaults import TRANSPORT_GRAPH
 from airflow_provider_o365mail.runtime import load_connection
 
 DEFAULT_CLI_REDIRECT_URI = "http://localhost/o365mail/callback"
@@ -54,11 +56,50 @@ def authorize(args: Any) -> None:
         _fail(str(err))
         return
     where = "the connection and the token store" if result.connection_updated else "the token store"
+    also = (
+        f"Also consented, for sending through Microsoft Graph: {' '.join(result.also_consented)}\n"
+        if result.also_consented
+        else ""
+    )
     print(
         f"Authorized connection {result.conn_id!r} for {result.username}"
-        f"{f' ({result.name})' if result.name else ''}.\nScopes: {' '.join(result.scopes)}\n"
-        f"The refresh token was stored in {where} (encrypted); no token is shown."
+        f"{f' ({result.name})' if result.name else ''}.\nScopes: {' '.join(result.scopes)}\n{also}"
+        f"The refresh token was stored in {where} (encrypted); no token is shown.",
+        flush=True,
     )
+    if args.device_code and settings.delegated and settings.uses_graph:
+        graph_ok, note = _graph_after_device_code(settings)
+        if graph_ok:
+            print(note)
+        elif settings.transport == TRANSPORT_GRAPH:
+            _fail(note)
+        else:
+            print(f"Warning: {note}", file=sys.stderr)
+
+
+def _graph_after_device_code(settings: Any) -> tuple[bool, str]:
+    """Whether the stored grant yields a Graph token, and what to tell the user.
+
+    A device code is redeemed without a scope parameter, so it can carry one resource only (Entra
+    refuses a device code for Exchange and Graph together: AADSTS28000/70011); it asks Exchange's
+    scopes. Graph then works only where Graph consent exists already (an earlier browser consent, or
+    admin consent for the tenant).
+    """
+    from airflow_provider_o365mail.exceptions import O365MailError, ReauthorizationRequired
+    from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+
+    scopes = " ".join(settings.graph_scopes)
+    try:
+        O365MailHook(settings.conn_id).graph_access_token(force_refresh=True)
+    except ReauthorizationRequired as err:
+        codes = ", ".join(f"AADSTS{c}" for c in err.error_codes) or err.error or type(err).__name__
+        why = f"Microsoft Graph refused a token with this grant ({codes})"
+        return False, hints.DEVICE_CODE_WITHOUT_GRAPH.format(
+            why=why, transport=settings.transport, scopes=scopes, conn_id=settings.conn_id
+        )
+    except O365MailError as err:
+        return False, f"The Microsoft Graph token check failed: {err}"
+    return True, f"Microsoft Graph: the same grant yields a Graph token ({scopes}); Graph consent was already given."
 
 
 def _authorize_by_device_code(settings: Any, timeout: float | None) -> ConsentResult:

@@ -29,7 +29,12 @@ from airflow_provider_o365mail.connection_defaults import (
     CREDENTIAL_PUBLIC,
     CREDENTIAL_SECRET,
     FEDERATED_TOKEN_AUDIENCE,
+    TRANSPORT_AUTO,
+    TRANSPORT_GRAPH,
+    TRANSPORT_SMTP,
 )
+from airflow_provider_o365mail.graph.sender import mailbox_path
+from airflow_provider_o365mail.hooks.fallback import smtp_auth_disabled
 from airflow_provider_o365mail.runtime import load_connection
 from airflow_provider_o365mail.tls import IdentityProviderSession
 
@@ -208,16 +213,19 @@ def diagnose(conn_id: str) -> list[Check]:
             OK,
             f"{settings.grant_type} with {settings.credential_type.replace('_', ' ')}, mailbox {settings.mailbox}, "
             f"authority {settings.authority}, "
-            f"IMAP {settings.imap_host}:{settings.imap_port}, SMTP {settings.smtp_host}:{settings.smtp_port}",
+            f"IMAP {settings.imap_host}:{settings.imap_port}, SMTP {settings.smtp_host}:{settings.smtp_port}, "
+            f"transport {settings.transport}" + (f", Graph {settings.graph_url}" if settings.uses_graph else ""),
         )
     )
+    checks.append(Check("scopes", OK, scopes_needed(settings)))
+    later = _later_links(settings)
     endpoints = _check_endpoints(settings)
     checks.append(endpoints)
     credential = _check_credential(settings)
     if credential is not None:
         checks.append(credential)
     if endpoints.status == FAIL:
-        return [*checks, *(Check(link, SKIP, "needs the identity provider") for link in ("token", "IMAP", "SMTP"))]
+        return [*checks, *(Check(link, SKIP, "needs the identity provider") for link in ("token", *later))]
 
     stored: StoredCache | None = None
     store = TokenStore(conn_id)
@@ -247,11 +255,11 @@ def diagnose(conn_id: str) -> list[Check]:
             )
         )
         if not fallback:
-            return [*checks, *(Check(link, SKIP, "needs the token store") for link in ("token", "IMAP", "SMTP"))]
+            return [*checks, *(Check(link, SKIP, "needs the token store") for link in ("token", *later))]
     except exc.TokenStoreError as err:
         link, fix = _classify(err, conn_id)
         checks.append(Check(link, FAIL, str(err), fix))
-        return [*checks, *(Check(link, SKIP, "needs the token store") for link in ("token", "IMAP", "SMTP"))]
+        return [*checks, *(Check(link, SKIP, "needs the token store") for link in ("token", *later))]
 
     if settings.delegated:
         checks.append(_check_refresh_token(stored, conn_id, public_client=settings.public_client))
@@ -265,11 +273,120 @@ def diagnose(conn_id: str) -> list[Check]:
         if isinstance(err, exc.ClientCredentialError) and settings.credential_type != CREDENTIAL_SECRET:
             link, fix = f"{settings.credential_type} credential", ""  # the message names this credential's fix
         checks.append(Check(link, FAIL, str(err), fix))
-        return [*checks, *(Check(link, SKIP, "needs an access token") for link in ("IMAP", "SMTP"))]
+        return [*checks, *(Check(link, SKIP, "needs an access token") for link in later)]
 
     checks.append(_run("IMAP", lambda: _imap_check(hook), settings))
-    checks.append(_run("SMTP", lambda: _smtp_check(hook), settings))
+    if settings.transport == TRANSPORT_GRAPH:
+        checks.append(Check("SMTP", SKIP, "not needed: transport graph sends through Microsoft Graph, not SMTP AUTH"))
+    else:
+        checks.append(_run("SMTP", lambda: _smtp_check(hook), settings))
+    if settings.uses_graph:
+        checks.extend(_graph_checks(hook, settings))
+        _auto_smtp_verdict(checks, settings)
     return checks
+
+
+# ---------------------------------------------------------------------- scopes and Microsoft Graph
+def scopes_needed(s: O365MailSettings) -> str:
+    """Which scopes the connection's transport needs, and what its consent asks for (no I/O)."""
+    exchange = " ".join(s.scopes)
+    graph = " ".join(s.graph_scopes)
+    if not s.delegated:
+        text = f"app-only: Exchange token {exchange} (IMAP; SMTP needs the application permission SMTP.SendAsApp)"
+        if s.uses_graph:
+            text += (
+                f"; Graph token {graph}: the Microsoft Graph application permissions Mail.Send and Mail.ReadWrite "
+                "with admin consent (and any application access policy must include the mailbox)"
+            )
+        return text + "; no user consent"
+    reading = f"Exchange {exchange} ({'IMAP' if s.transport == TRANSPORT_GRAPH else 'IMAP and SMTP'})"
+    if s.transport == TRANSPORT_SMTP:
+        return f"transport smtp: {reading}; consent asks for these only (Graph is not asked)"
+    sends = "Graph only; SMTP is not used" if s.transport == TRANSPORT_GRAPH else "SMTP, Graph when SMTP AUTH is off"
+    return (
+        f"transport {s.transport} (sends through {sends}): {reading} and Microsoft Graph {graph}; one consent asks "
+        "for both (Mail.Send.Shared too in graph_permissions to send from a shared mailbox)"
+    )
+
+
+def _later_links(s: O365MailSettings) -> tuple[str, ...]:
+    links: tuple[str, ...] = ("IMAP", "SMTP")
+    return (*links, "Graph token", "Graph") if s.uses_graph else links
+
+
+def _graph_checks(hook: Any, s: O365MailSettings) -> list[Check]:
+    """A Graph token with the same grant, then a harmless Graph request (one Sent Items message's id)."""
+    try:
+        token = hook.graph_access_token(force_refresh=True)
+    except exc.ReauthorizationRequired as err:
+        if 65001 in err.error_codes:
+            fix = hints.GRAPH_CONSENT_MISSING.format(conn_id=s.conn_id, permissions=" ".join(s.graph_permissions))
+            return [Check("Graph consent", FAIL, str(err), fix), Check("Graph", SKIP, "needs a Graph token")]
+        link, fix = _classify(err, s.conn_id, public_client=s.public_client)
+        return [Check(f"Graph {link}", FAIL, str(err), fix), Check("Graph", SKIP, "needs a Graph token")]
+    except Exception as err:
+        link, fix = _classify(err, s.conn_id, public_client=s.public_client)
+        return [Check(f"Graph {link}", FAIL, str(err), fix), Check("Graph", SKIP, "needs a Graph token")]
+    granted = _token_permissions(token.token)
+    checks = [
+        Check(
+            "Graph token",
+            OK,
+            f"{' '.join(s.graph_scopes)}: access token valid for {token.seconds_left / 60:.0f} min"
+            + (f", permissions {granted}" if granted else ""),
+        )
+    ]
+    if not hook.graph_can_read():
+        checks.append(
+            Check(
+                "Graph",
+                SKIP,
+                "graph_permissions have no Mail.Read or Mail.ReadWrite: no harmless request to try (Mail.Send is "
+                "used at the first send); large mail and the Sent Items check need Mail.ReadWrite",
+            )
+        )
+        return checks
+    who = "me" if s.delegated else mailbox_path(s.mailbox)
+    try:
+        found = hook.graph_probe()
+        checks.append(
+            Check(
+                "Graph",
+                OK,
+                f"GET {s.graph_url}/v1.0/{who}/mailFolders/SentItems/messages?$top=1 answered ({found} message id(s))",
+            )
+        )
+    except exc.O365MailError as err:
+        checks.append(Check("Graph", FAIL, str(err), "The message names Graph's error code and the fix."))
+    except (OSError, TimeoutError) as err:
+        checks.append(
+            Check("Graph", FAIL, f"cannot reach {s.graph_url}: {type(err).__name__}", "Check network access.")
+        )
+    return checks
+
+
+def _token_permissions(token: str) -> str:
+    """The delegated ``scp`` or application ``roles`` of an access token (names only; never the token)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return ""
+    roles = claims.get("roles")
+    return str(claims.get("scp") or (" ".join(roles) if isinstance(roles, list) else ""))
+
+
+def _auto_smtp_verdict(checks: list[Check], s: O365MailSettings) -> None:
+    """transport auto: SMTP AUTH disabled (5.7.139) is fine when Graph works, since auto then sends through Graph."""
+    if s.transport != TRANSPORT_AUTO:
+        return
+    smtp = next((c for c in checks if c.link == "SMTP"), None)
+    graph_ok = any(c.link == "Graph token" and c.status == OK for c in checks) and not any(
+        c.link == "Graph" and c.status == FAIL for c in checks
+    )
+    if smtp is not None and smtp.status == FAIL and "5.7.139" in smtp.detail and graph_ok:
+        smtp.status = WARN
+        smtp.detail += " (transport auto: this mailbox's mail goes through Microsoft Graph instead, which works)"
+        smtp.fix = "Nothing to do for sending; enable SMTP AUTH for the mailbox only if you want SMTP used."
 
 
 def _check_store(store: TokenStore, stored: StoredCache | None) -> Check:
@@ -337,7 +454,7 @@ def _run(link: str, check: Callable[[], str], settings: O365MailSettings) -> Che
     try:
         return Check(link, OK, check())
     except exc.O365MailError as err:
-        if link == "SMTP" and "5.7.139" in str(err):
+        if link == "SMTP" and smtp_auth_disabled(err):
             fix = hints.SMTP_AUTH_DISABLED
         elif link == "SMTP":
             fix = hints.SMTP_CHECK_FAILED

@@ -9,7 +9,7 @@ import smtplib
 import ssl
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -55,7 +55,7 @@ from airflow_provider_o365mail.graph.client import GRAPH_RETRY, GraphClient
 from airflow_provider_o365mail.graph.sender import SEND_RETRY as GRAPH_SEND_RETRY
 from airflow_provider_o365mail.graph.sender import GraphSender, mailbox_path, sent_items_count
 from airflow_provider_o365mail.hooks import connection_form
-from airflow_provider_o365mail.hooks.fallback import SmtpThenGraph
+from airflow_provider_o365mail.hooks.fallback import SmtpThenGraph, smtp_auth_disabled
 from airflow_provider_o365mail.imap import watch as imap_watch
 from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
@@ -724,23 +724,61 @@ class O365MailHook(BaseHook):
 
     # ------------------------------------------------------------------ UI test button
     def test_connection(self) -> tuple[bool, str]:
-        """Get a token, log in to IMAP and to SMTP; say which step failed."""
-        steps = (
+        """Get a token, log in to IMAP, then test how the connection sends (``transport``): SMTP, Microsoft
+        Graph (a Graph token and one harmless read), or both for ``auto``; say which step failed."""
+        s = self.settings
+        steps: list[tuple[str, Callable[[], Any]]] = [
             ("token", lambda: self.get_access_token()),
             ("IMAP", lambda: self._use(self.imap_client)),
-            ("SMTP", lambda: self._use(self.smtp_client)),
-        )
+        ]
+        if s.transport != "graph":
+            steps.append(("SMTP", lambda: self._use(self.smtp_client)))
+        if s.uses_graph:
+            steps.append(("Graph", self.graph_probe))
+        auth_disabled_reply = ""
         for name, step in steps:
             try:
                 step()
             except (O365MailError, AuthorizationError) as err:
+                if name == "SMTP" and s.transport == "auto" and smtp_auth_disabled(err):
+                    # auto then sends through Graph: the Graph step decides
+                    auth_disabled_reply = str(err)
+                    continue
                 return False, f"{name} step failed: {err}"
             except (TimeoutError, OSError) as err:
                 return False, f"{name} step failed: cannot reach the server ({type(err).__name__}: {err})"
-        s = self.settings
-        return True, (
-            f"Token, IMAP ({s.imap_host}:{s.imap_port}) and SMTP ({s.smtp_host}:{s.smtp_port}) work for {s.mailbox}."
-        )
+        imap = f"Token, IMAP ({s.imap_host}:{s.imap_port})"
+        smtp = f"SMTP ({s.smtp_host}:{s.smtp_port})"
+        graph = f"Microsoft Graph ({s.graph_url})"
+        if s.transport == "graph":
+            return True, f"{imap} and {graph} work for {s.mailbox} (transport graph: SMTP is not used)."
+        if s.transport == "auto":
+            if auth_disabled_reply:
+                return True, (
+                    f"{imap} and {graph} work for {s.mailbox}. SMTP AUTH is disabled for it ({auth_disabled_reply}): "
+                    "transport auto sends its mail through Microsoft Graph."
+                )
+            return True, f"{imap}, {smtp} and {graph} work for {s.mailbox}."
+        return True, f"{imap} and {smtp} work for {s.mailbox}."
+
+    def graph_probe(self) -> int | None:
+        """A Graph token, then one harmless request when the permissions can read: the id of at most one
+        Sent Items message. Returns how many came back (0 or 1), ``None`` when the token cannot read."""
+        self.graph_access_token()
+        if not self.graph_can_read():
+            return None
+        who, _ = self._graph_mailbox(None)
+        client = self.graph_client(retry=dataclasses.replace(GRAPH_RETRY, attempts=2, max_retry_after=10.0))
+        try:
+            response = client.request(
+                "GET",
+                f"{who}/mailFolders/SentItems/messages",
+                params={"$top": "1", "$select": "id"},
+                doing=f"reading one message id of {self.settings.mailbox}'s Sent Items (a connection check)",
+            )
+            return len(response.json().get("value") or [])
+        finally:
+            client.close()
 
     @staticmethod
     def _use(factory) -> None:

@@ -23,6 +23,7 @@ from airflow_provider_o365mail.auth.store import LEGACY_STORE_PREFIX, STORE_PREF
 from airflow_provider_o365mail.auth.token_status import describe_store
 from airflow_provider_o365mail.connection import CONN_TYPE, DEFAULT_CONN_ID, settings_from_connection
 from airflow_provider_o365mail.exceptions import O365MailError
+from airflow_provider_o365mail.hooks.doctor import scopes_needed
 from airflow_provider_o365mail.runtime import load_connection
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ def connection_state(conn: Any, source: str = SOURCE_DB, *, now: dt.datetime | N
         "mailbox": None,
         "grant_type": None,
         "credential_type": None,
+        "transport": None,
+        "scopes_needed": None,
         "account": None,
         "last_error": None,
         "last_error_at": None,
@@ -181,7 +184,13 @@ def connection_state(conn: Any, source: str = SOURCE_DB, *, now: dt.datetime | N
         settings = settings_from_connection(conn)
     except O365MailError as err:
         return {**row, "state": "misconfigured", "level": ERROR, "state_text": str(err)[:300]}
-    row.update(mailbox=settings.mailbox, grant_type=settings.grant_type, credential_type=settings.credential_type)
+    row.update(
+        mailbox=settings.mailbox,
+        grant_type=settings.grant_type,
+        credential_type=settings.credential_type,
+        transport=settings.transport,
+        scopes_needed=scopes_needed(settings),
+    )
     if settings.public_client:  # the page's sign-in needs a Web redirect URI, which Entra redeems only with a secret
         row["authorize_note"] = (
             f"Public client (no secret): authorize with the device code, 'airflow o365mail authorize --conn-id "

@@ -240,5 +240,8 @@ def _finish_callback(params: dict[str, str], cookie_user: str | None) -> HTMLRes
         f"Connection {result.conn_id} is authorized for {result.username}. The refresh token was saved in {where}."
     )
     return HTMLResponse(
-        pages.result_page(ok=True, conn_id=result.conn_id, message=message, scopes=result.scopes), headers=_NO_STORE
+        pages.result_page(
+            ok=True, conn_id=result.conn_id, message=message, scopes=(*result.scopes, *result.also_consented)
+        ),
+        headers=_NO_STORE,
     )

@@ -78,6 +78,8 @@ def row_view(c: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
         "authorize_note": c.get("authorize_note"),
         "mailbox": c.get("mailbox") or "-",
         "grant_type": c.get("grant_type") or "",
+        "transport": c.get("transport") or "",
+        "scopes_needed": c.get("scopes_needed"),
         "delegated": c.get("grant_type") == "authorization_code",
         "state": c["state"],
         "level": c.get("level", "info"),

@@ -129,6 +129,7 @@ def test_doctor_healthy_and_token_status_and_forget(o365mail_conn, o365_sandbox)
     checks = json_output(doctor.stdout)
     assert [c["link"] for c in checks] == [
         "connection",
+        "scopes",
         "endpoints",
         "token store",
         "refresh token",

@@ -17,10 +17,11 @@ import uuid
 import pytest
 from test_cli import CLI, PIPED, stored_connection_extra
 
-from airflow_provider_o365mail.exceptions import ClientCredentialError
+from airflow_provider_o365mail.exceptions import ClientCredentialError, ReauthorizationRequired
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.testing.airflow_services import wait_until
 from airflow_provider_o365mail.testing.mailbox import wait_for_messages
+from airflow_provider_o365mail.testing.sandbox import GRAPH
 
 CODE_LINE = re.compile(r"open the page (?P<uri>https://\S+) and enter the code (?P<code>[A-Z]+)")
 
@@ -179,3 +180,41 @@ def test_a_secret_on_a_public_client_connection_is_refused_before_any_request(o3
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", o365_sandbox.connection_json(credential_type="public_client"))
     with pytest.raises(Exception, match="public_client but the connection also has a client secret"):
         O365MailHook(conn_id).get_access_token()
+
+
+@pytest.mark.parametrize(
+    ("transport", "graph_consent", "returncode"), [("graph", False, 1), ("auto", False, 0), ("graph", True, 0)]
+)
+def test_device_code_for_a_graph_connection_consents_exchange_and_checks_graph(
+    public_client, db_connection, o365_sandbox, o365_admin, transport, graph_consent, returncode
+):
+    """A device code carries one resource: it asks Exchange's scopes; Graph then works only with a consent
+    given otherwise (here: as an administrator's), and without one the command names the fix."""
+    sbx = o365_sandbox
+    extra = sbx.connection_extra(credential_type="public_client", transport=transport, graph_url=sbx.graph_url)
+    del extra["refresh_token"]
+    conn_id = db_connection(
+        f"o365mail_public_{transport}_{uuid.uuid4().hex[:8]}",
+        json.dumps({"conn_type": "o365mail", "login": sbx.client_id, "password": "", "extra": extra}),
+    )
+    o365_admin.revoke_consent(sbx.user, sbx.client_id, resource=GRAPH)
+    if graph_consent:
+        o365_admin.consent(sbx.user, sbx.client_id, f"{GRAPH}/Mail.Send {GRAPH}/Mail.ReadWrite")
+    process, uri, code = start_device_authorize(conn_id)
+    o365_admin.device_sign_in(uri, code, login=sbx.user, password=sbx.user_password)
+    rc, output = finish(process)
+    assert rc == returncode, output
+    assert f"Authorized connection {conn_id!r} for {sbx.user}" in output, output
+    assert stored_connection_extra(conn_id)["refresh_token"], "the Exchange consent is stored either way"
+    hook = O365MailHook(conn_id)
+    with hook.smtp_client() as client:
+        assert client.noop()[0] == 250
+    if graph_consent:
+        assert "the same grant yields a Graph token" in output, output
+        assert hook.graph_access_token(force_refresh=True).token
+    else:
+        assert "covers Exchange (SMTP and IMAP) only" in output and "AADSTS65001" in output, output
+        assert "admin consent" in output and f"authorize --conn-id {conn_id}'" in output, output
+        assert ("Error: " in output) == (transport == "graph") and ("Warning: " in output) == (transport == "auto")
+        with pytest.raises(ReauthorizationRequired):
+            hook.graph_access_token(force_refresh=True)
