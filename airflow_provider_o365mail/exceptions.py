@@ -102,6 +102,13 @@ class MailServerError(O365MailError):
 class MailAuthenticationError(MailServerError):
     """The mail server refused the XOAUTH2 login."""
 
+    payload_fields = ("reply",)
+
+    def __init__(self, message: str, *, reply: str = "") -> None:
+        super().__init__(message)
+        #: the server's own reply (``535 5.7.139 ...``): what decides, never the message's advice
+        self.reply = reply
+
 
 class MailServerUnavailable(MailServerError):
     """The mail server refused for now or dropped the connection (connection limits, ``BYE``, timeouts,

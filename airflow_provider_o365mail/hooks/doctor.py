@@ -383,7 +383,7 @@ def _auto_smtp_verdict(checks: list[Check], s: O365MailSettings) -> None:
     graph_ok = any(c.link == "Graph token" and c.status == OK for c in checks) and not any(
         c.link == "Graph" and c.status == FAIL for c in checks
     )
-    if smtp is not None and smtp.status == FAIL and "5.7.139" in smtp.detail and graph_ok:
+    if smtp is not None and smtp.status == FAIL and smtp.fix == hints.SMTP_AUTH_DISABLED and graph_ok:
         smtp.status = WARN
         smtp.detail += " (transport auto: this mailbox's mail goes through Microsoft Graph instead, which works)"
         smtp.fix = "Nothing to do for sending; enable SMTP AUTH for the mailbox only if you want SMTP used."

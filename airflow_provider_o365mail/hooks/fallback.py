@@ -34,10 +34,14 @@ _lock = threading.Lock()
 
 
 def smtp_auth_disabled(err: BaseException) -> bool:
-    """True for Exchange's "SMTP AUTH is disabled" refusal (not for a refused or expired token)."""
-    text = str(err)
+    """True for Exchange's "SMTP AUTH is disabled" refusal (not for a refused or expired token).
+
+    Decided on the server's reply only (:attr:`MailAuthenticationError.reply`): the error's message also
+    carries advice that names 5.7.139.
+    """
+    reply = str(getattr(err, "reply", "") or "")
     return isinstance(err, MailAuthenticationError) and any(
-        m.lower() in text.lower() for m in SMTP_AUTH_DISABLED_MARKERS
+        m.lower() in reply.lower() for m in SMTP_AUTH_DISABLED_MARKERS
     )
 
 

@@ -420,7 +420,8 @@ class O365MailHook(BaseHook):
             reply = f"{err.smtp_code} {err.smtp_error.decode(errors='replace')}"
             raise MailAuthenticationError(
                 f"SMTP login to {s.smtp_host}:{s.smtp_port} as {user} failed. "
-                + hints.SMTP_REFUSED.format(mailbox=user, reply=reply)
+                + hints.SMTP_REFUSED.format(mailbox=user, reply=reply),
+                reply=reply,
             ) from None
         except ssl.SSLCertVerificationError as err:
             _quietly_close(client)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import pytest
 from test_cli import airflow, json_output
@@ -107,7 +108,17 @@ def test_page_row_says_the_transport_and_its_scopes(with_transport):
     assert f"{GRAPH}/Mail.ReadWrite" in row["scopes_needed"] and "one consent asks for both" in row["scopes_needed"]
 
 
-def test_test_connection_graph_tests_graph_not_smtp(with_transport, o365_sandbox, o365_admin):
+def fresh_connection(monkeypatch, sbx, transport: str) -> str:
+    """Another connection with a fresh grant and an empty token store (no Graph token fetched yet)."""
+    conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        sbx.connection_json(refresh_token=sbx.new_refresh_token(), transport=transport, graph_url=sbx.graph_url),
+    )
+    return conn_id
+
+
+def test_test_connection_graph_tests_graph_not_smtp(with_transport, o365_sandbox, o365_admin, monkeypatch):
     sbx = o365_sandbox
     hook = O365MailHook(with_transport("graph"))
     o365_admin.update_user(sbx.user, smtp_auth_enabled=False)  # an SMTP login would fail
@@ -117,12 +128,16 @@ def test_test_connection_graph_tests_graph_not_smtp(with_transport, o365_sandbox
     assert "Microsoft Graph" in message and "SMTP is not used" in message
     assert graph_reads(o365_admin, sbx.user) == before + 1
 
+    # Revoking consent does not end access tokens already issued (as at Microsoft): a connection that
+    # has no Graph token yet meets the missing consent at its first Graph token request.
     o365_admin.revoke_consent(sbx.user, sbx.client_id, resource=GRAPH)
-    ok, message = O365MailHook(hook.conn_id).test_connection()
+    ok, message = O365MailHook(fresh_connection(monkeypatch, sbx, "graph")).test_connection()
     assert not ok and message.startswith("Graph step failed") and "AADSTS65001" in message, message
 
 
-def test_test_connection_auto_tests_both_and_accepts_smtp_auth_disabled(with_transport, o365_sandbox, o365_admin):
+def test_test_connection_auto_tests_both_and_accepts_smtp_auth_disabled(
+    with_transport, o365_sandbox, o365_admin, monkeypatch
+):
     sbx = o365_sandbox
     conn_id = with_transport("auto")
     ok, message = O365MailHook(conn_id).test_connection()
@@ -134,5 +149,5 @@ def test_test_connection_auto_tests_both_and_accepts_smtp_auth_disabled(with_tra
     assert "5.7.139" in message and "sends its mail through Microsoft Graph" in message, message
 
     o365_admin.revoke_consent(sbx.user, sbx.client_id, resource=GRAPH)  # and now Graph fails too
-    ok, message = O365MailHook(conn_id).test_connection()
+    ok, message = O365MailHook(fresh_connection(monkeypatch, sbx, "auto")).test_connection()
     assert not ok and message.startswith("Graph step failed"), message

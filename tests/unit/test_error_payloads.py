@@ -25,6 +25,7 @@ SAMPLES: dict[str, object] = {
     "correlation_id": "c0ffee",
     "refused": {"a@contoso.com": (550, "5.1.1 unknown")},
     "code": "ErrorAccessDenied",
+    "reply": "535 5.7.139 Authentication unsuccessful",
 }
 
 

@@ -13,10 +13,11 @@ from airflow_provider_o365mail.exceptions import MailAuthenticationError, Messag
 from airflow_provider_o365mail.hooks import fallback
 from airflow_provider_o365mail.hooks.fallback import REMEMBER_SECONDS, SmtpThenGraph, smtp_auth_disabled
 
-DISABLED = MailAuthenticationError(
-    "SMTP login refused: 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
+DISABLED_REPLY = (
+    "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
     "Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."
 )
+DISABLED = MailAuthenticationError(f"SMTP login refused: {DISABLED_REPLY}", reply=DISABLED_REPLY)
 LOGGER = "airflow_provider_o365mail.hooks.fallback"
 
 
@@ -166,11 +167,14 @@ def test_smtp_keeps_sending_while_it_works(clock):
 @pytest.mark.parametrize(
     "error",
     [
-        MailAuthenticationError("535 5.7.3 Authentication unsuccessful"),
-        MailAuthenticationError("535 5.7.8 Error: authentication failed: invalid token"),
+        MailAuthenticationError("535 5.7.3 Authentication unsuccessful", reply="535 5.7.3 Authentication unsuccessful"),
+        MailAuthenticationError(
+            "SMTP login failed. If the reply says 5.7.139, SMTP AUTH is disabled...",
+            reply="535 5.7.8 Error: authentication failed: invalid token",
+        ),
         MessageRejectedError("550 5.7.139 something else mentioning the code"),
     ],
-    ids=["5.7.3", "bad-token", "not-an-auth-error"],
+    ids=["5.7.3", "bad-token-with-advice-naming-5.7.139", "not-an-auth-error"],
 )
 def test_other_errors_propagate_and_graph_is_never_used(clock, caplog, error):
     world = World(clock, smtp_error=error)
@@ -185,11 +189,12 @@ def test_other_errors_propagate_and_graph_is_never_used(clock, caplog, error):
 
 def test_the_marker_is_recognised_alone_or_by_its_words():
     assert smtp_auth_disabled(DISABLED)
-    assert smtp_auth_disabled(MailAuthenticationError("535 5.7.139 Authentication unsuccessful, user is locked"))
-    assert smtp_auth_disabled(
-        MailAuthenticationError("Authentication unsuccessful, SmtpClientAuthentication is disabled")
-    )
-    assert not smtp_auth_disabled(MailAuthenticationError("535 5.7.3 Authentication unsuccessful"))
+    locked = "535 5.7.139 Authentication unsuccessful, user is locked"
+    assert smtp_auth_disabled(MailAuthenticationError("refused", reply=locked))
+    words = "535 5.7.8 Error: authentication failed: Authentication unsuccessful, SmtpClientAuthentication is disabled"
+    assert smtp_auth_disabled(MailAuthenticationError("refused", reply=words))
+    assert not smtp_auth_disabled(MailAuthenticationError("refused", reply="535 5.7.3 Authentication unsuccessful"))
+    assert not smtp_auth_disabled(MailAuthenticationError("advice: if the reply says 5.7.139 ...")), "the reply decides"
     assert not smtp_auth_disabled(MessageRejectedError("550 5.7.139 refused after the login")), "only a login refusal"
 
 
