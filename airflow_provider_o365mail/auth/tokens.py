@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -46,7 +46,7 @@ from airflow_provider_o365mail.auth.masking import (
 )
 from airflow_provider_o365mail.auth.msal_app import RecordingHttpClient, ResponseRecord, build_app
 from airflow_provider_o365mail.auth.store import TokenStore, fingerprint
-from airflow_provider_o365mail.connection import O365MailSettings
+from airflow_provider_o365mail.connection import CLOUDS, O365MailSettings
 from airflow_provider_o365mail.exceptions import (
     AuthorizationError,
     ConnectionConfigError,
@@ -256,13 +256,22 @@ class TokenManager:
         return _Loaded(cache, stored.seed_fingerprint, stored.fence, stored.stale_key)
 
     def _matching_access_tokens(self, cache: msal.SerializableTokenCache) -> list[dict]:
-        return list(
-            cache.search(
-                msal.TokenCache.CredentialType.ACCESS_TOKEN,
-                target=list(self.settings.scopes),
-                query={"client_id": self.settings.client_id},
+        """The cached access tokens granted for (at least) the connection's scopes.
+
+        Compared as full names: Entra answers a Graph token request with the scopes' short names
+        (``Mail.Send``, Graph being its default resource) and MSAL stores that answer, so a search for
+        ``https://graph.microsoft.com/Mail.Send`` alone never found the token and every Graph request
+        redeemed the refresh token again.
+        """
+        default_resource = CLOUDS[self.settings.cloud].graph_url
+        wanted = _full_scope_names(self.settings.scopes, default_resource)
+        return [
+            item
+            for item in cache.search(
+                msal.TokenCache.CredentialType.ACCESS_TOKEN, query={"client_id": self.settings.client_id}
             )
-        )
+            if wanted <= _full_scope_names(str(item.get("target") or "").split(), default_resource)
+        ]
 
     def _cached_access_token(self, cache: msal.SerializableTokenCache) -> AccessToken | None:
         now = time.time()
@@ -383,3 +392,10 @@ class TokenManager:
             f"Token request for connection {conn_id!r} failed {TOKEN_BACKOFF.attempts} times, last: {reason}. The "
             f"identity provider at {self.settings.authority} is unreachable or overloaded; the task can be retried."
         )
+
+
+def _full_scope_names(scopes: Iterable[str], default_resource: str) -> set[str]:
+    """Scopes with their resource, lower case (scope names are case-insensitive); a name without one
+    (``Mail.Send``) is of Entra's default resource, Microsoft Graph."""
+    root = default_resource.rstrip("/")
+    return {(s if "://" in s else f"{root}/{s}").lower() for s in scopes}

@@ -63,6 +63,25 @@ def test_warm_store_answers_without_the_identity_provider(o365mail_conn, o365_ad
     assert o365_admin.counters() == {}, "a warm store must not call the identity provider at all"
 
 
+def test_warm_store_answers_graph_tokens_without_the_identity_provider(o365_sandbox, o365_admin, monkeypatch):
+    """Entra names Graph scopes by short name in its answer (``Mail.Send``); the stored token is still found."""
+    conn_id = "o365mail_graph_warm"
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        o365_sandbox.connection_json(
+            refresh_token=o365_sandbox.new_refresh_token(), transport="graph", graph_url=o365_sandbox.graph_url
+        ),
+    )
+    TokenStore(conn_id).forget()
+    first = O365MailHook(conn_id).graph_access_token()
+    assert first.source == "identity_provider"
+    o365_admin.reset_counters()
+    for _ in range(3):
+        again = O365MailHook(conn_id).graph_access_token()
+        assert again.source == "store" and again.token == first.token
+    assert o365_admin.counters() == {}, "a warm store must not call the identity provider for Graph tokens either"
+
+
 def test_rotation_is_persisted_across_processes_in_strict_mode(o365mail_conn, o365_admin, o365_sandbox):
     o365_admin.update_settings(strict_rotation=True)
     seed = json.loads(os.environ[f"AIRFLOW_CONN_{o365mail_conn.upper()}"])["extra"]["refresh_token"]
