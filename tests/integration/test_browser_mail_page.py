@@ -153,6 +153,7 @@ def test_the_page_inside_airflows_ui_states_check_authorize_light_and_dark(
         links = env_row.locator(".checks li").evaluate_all("els => els.map(e => [e.dataset.link, e.dataset.status])")
         assert [link for link, _ in links] == [
             "connection",
+            "scopes",
             "endpoints",
             "token store",
             "refresh token",
@@ -172,7 +173,9 @@ def test_the_page_inside_airflows_ui_states_check_authorize_light_and_dark(
         assert statuses["consent"] == "fail" and statuses["IMAP"] == "skip", statuses
         assert "authorize" in revoked_row.locator(".checks").inner_text().lower()
         assert revoked_badge.get_attribute("data-level") == "error"
-        assert env_row.locator("details.note").get_attribute("open") is None, "re-rendered: the note is folded"
+        assert env_row.locator("details.note:has([data-field=authorize-note])").get_attribute("open") is None, (
+            "re-rendered: the note is folded"
+        )
         frame.locator("h1").scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "mail-page-checked-light.png"))
 
