@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from airflow_provider_o365mail.hooks import fallback
 from airflow_provider_o365mail.testing.airflow_services import (
     AirflowServices,
     DagRunResult,
@@ -164,3 +165,23 @@ def browser_page(browser):
         yield page
     finally:
         context.close()
+
+
+@pytest.fixture
+def graph_conn(o365_sandbox, o365_admin, monkeypatch):
+    """A connection with transport graph (fresh grant, empty token store); Graph back to its defaults."""
+    assert o365_sandbox.graph_url, "the sandbox has no Graph stand-in"
+    o365_admin.graph_reset()
+    conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
+
+    def make(**overrides) -> str:
+        extra = {"transport": "graph", "graph_url": o365_sandbox.graph_url, **overrides}
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_{conn_id.upper()}",
+            o365_sandbox.connection_json(refresh_token=o365_sandbox.new_refresh_token(), **extra),
+        )
+        return conn_id
+
+    yield make
+    fallback.forget_disabled()
+    o365_admin.graph_reset()

@@ -16,13 +16,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
 from test_graph_sending import delivered_once, unique
 
 from airflow_provider_o365mail.exceptions import MessageTooLargeError
-from airflow_provider_o365mail.hooks import fallback
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.notifications.email import O365EmailNotifier
 from airflow_provider_o365mail.testing import mailbox as mb
@@ -55,25 +53,6 @@ SEND_SCRIPT = textwrap.dedent(
     print(json.dumps({"message_id": message_id, "peak_before": before, "peak_after": after}))
     """
 )
-
-
-@pytest.fixture
-def graph_conn(o365_sandbox, o365_admin, monkeypatch):
-    """A connection with transport graph (as in test_graph_sending); Graph back to its defaults after."""
-    o365_admin.graph_reset()
-    conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
-
-    def make(**overrides) -> str:
-        extra = {"transport": "graph", "graph_url": o365_sandbox.graph_url, **overrides}
-        monkeypatch.setenv(
-            f"AIRFLOW_CONN_{conn_id.upper()}",
-            o365_sandbox.connection_json(refresh_token=o365_sandbox.new_refresh_token(), **extra),
-        )
-        return conn_id
-
-    yield make
-    fallback.forget_disabled()
-    o365_admin.graph_reset()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from airflow_provider_o365mail.exceptions import (
     GraphRequestRefused,
     MessageRejectedError,
 )
-from airflow_provider_o365mail.hooks import fallback
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.testing import mailbox as mb
 from airflow_provider_o365mail.testing.mailbox import wait_for_messages, with_subject
@@ -35,26 +34,6 @@ MiB = 1024 * 1024
 
 def unique(prefix: str) -> str:
     return f"{prefix} {uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def graph_conn(o365_sandbox, o365_admin, monkeypatch):
-    """A connection with transport graph (fresh grant, empty token store); Graph back to its defaults."""
-    assert o365_sandbox.graph_url, "the sandbox has no Graph stand-in"
-    o365_admin.graph_reset()
-    conn_id = f"o365mail_{uuid.uuid4().hex[:10]}"
-
-    def make(**overrides) -> str:
-        extra = {"transport": "graph", "graph_url": o365_sandbox.graph_url, **overrides}
-        monkeypatch.setenv(
-            f"AIRFLOW_CONN_{conn_id.upper()}",
-            o365_sandbox.connection_json(refresh_token=o365_sandbox.new_refresh_token(), **extra),
-        )
-        return conn_id
-
-    yield make
-    fallback.forget_disabled()
-    o365_admin.graph_reset()
 
 
 def copies(sbx, upn: str, message_id: str, folder: str = "INBOX") -> int:
