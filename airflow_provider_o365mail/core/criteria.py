@@ -18,7 +18,7 @@ from airflow_provider_o365mail.exceptions import CriteriaError
 
 __all__ = ["POST_ACTIONS", "CriteriaError", "MailCriteria", "as_list"]
 
-POST_ACTIONS = (None, "seen", "flag", "move")
+POST_ACTIONS = (None, "seen", "flag", "move", "delete")
 
 
 def _date(value: Any, name: str) -> dt.date | None:

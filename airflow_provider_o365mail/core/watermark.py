@@ -6,6 +6,10 @@ mailbox moved): then UIDs mean nothing and the keys (Message-ID and size) of rec
 messages prevent repeats. They are used for that rescan only: a new message that reuses a
 Message-ID in the same folder generation is a new UID, and is reported.
 
+Over Microsoft Graph a folder's watermark is its delta link (:class:`DeltaWatermark`) and the
+ids of reported messages. One Variable may hold both kinds (a sensor moved from one transport to
+the other): each transport starts from the other's ``updated_at`` time.
+
 Sensors keep watermarks in an Airflow Variable (reachable from workers, the triggerer and the
 CLI); the event trigger keeps them in the asset state store (Airflow >= 3.3).
 """
@@ -75,6 +79,78 @@ class FolderWatermark:
         )
 
 
+#: Graph ids of reported messages kept per folder (a delta link is re-read until it advances).
+SEEN_GRAPH_IDS_KEPT = 5000
+DELTA_KIND = "graph-delta"
+
+
+@dataclass
+class DeltaWatermark:
+    """Microsoft Graph: how far a folder's delta query got, and what was reported.
+
+    ``delta_link`` is the ``@odata.deltaLink`` of the last round whose changes were all handled
+    (``None``: no round yet, or a capped first check: list the folder again). Reading it again
+    returns the messages created since, so ``seen_ids`` (Graph ids of reported messages) keeps a
+    message from being reported twice when a round is read more than once. ``since`` is the epoch
+    second a fresh round starts from (``receivedDateTime ge``) when the link expired.
+    """
+
+    folder_id: str
+    delta_link: str | None = None
+    seen_ids: list[str] = field(default_factory=list)
+    since: float = 0.0
+    #: When ``delta_link`` was obtained: a link never replaces a newer one.
+    obtained_at: float = 0.0
+    updated_at: float = 0.0
+
+    def advanced(
+        self,
+        folder_id: str,
+        delta_link: str | None,
+        obtained_at: float,
+        since: float,
+        reported: Iterable[str | None],
+        now: float | None = None,
+    ) -> DeltaWatermark:
+        same_folder = folder_id == self.folder_id
+        seen = [*(self.seen_ids if same_folder else []), *(r for r in reported if r)]
+        link, at, bound = delta_link, obtained_at, since
+        if same_folder and self.delta_link and (delta_link is None or obtained_at < self.obtained_at):
+            link, at, bound = self.delta_link, self.obtained_at, max(self.since, since)
+        return DeltaWatermark(
+            folder_id=folder_id,
+            delta_link=link,
+            seen_ids=list(dict.fromkeys(reversed(seen)))[:SEEN_GRAPH_IDS_KEPT][::-1],
+            since=bound,
+            obtained_at=at,
+            updated_at=time.time() if now is None else now,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": DELTA_KIND, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DeltaWatermark | None:
+        if not isinstance(data, dict) or data.get("kind") != DELTA_KIND or not data.get("folder_id"):
+            return None
+        return cls(
+            folder_id=str(data["folder_id"]),
+            delta_link=str(data["delta_link"]) if data.get("delta_link") else None,
+            seen_ids=[str(m) for m in data.get("seen_ids") or []][-SEEN_GRAPH_IDS_KEPT:],
+            since=float(data.get("since", 0.0)),
+            obtained_at=float(data.get("obtained_at", 0.0)),
+            updated_at=float(data.get("updated_at", 0.0)),
+        )
+
+
+#: A folder's watermark: IMAP (UIDVALIDITY + last UID) or Graph (delta link).
+Watermark = FolderWatermark | DeltaWatermark
+
+
+def watermark_from_dict(data: Any) -> Watermark | None:
+    return FolderWatermark.from_dict(data) or DeltaWatermark.from_dict(data)
+
+
 @dataclass
 class Reservation:
     """Messages one task instance reported whose delivery is not known to be durable yet.
@@ -88,7 +164,7 @@ class Reservation:
     task_id: str
     map_index: int
     messages: list[dict[str, Any]]
-    scanned: dict[str, dict[str, int]]
+    scanned: dict[str, dict[str, Any]]
     reserved_at: float = 0.0
 
     @property
@@ -122,7 +198,7 @@ def task_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
 class WatchState:
     """Everything one watch keeps: per-folder watermarks and the open reservations (one Variable, one write)."""
 
-    watermarks: dict[str, FolderWatermark] = field(default_factory=dict)
+    watermarks: dict[str, Watermark] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
 
     def reserve(self, reservation: Reservation) -> None:
@@ -132,9 +208,9 @@ class WatchState:
 
 
 class WatermarkStore(Protocol):
-    def load(self) -> dict[str, FolderWatermark]: ...
+    def load(self) -> dict[str, Watermark]: ...
     def load_state(self) -> WatchState: ...
-    def save(self, watermarks: dict[str, FolderWatermark]) -> None:
+    def save(self, watermarks: dict[str, Watermark]) -> None:
         """Replace the watermarks (open reservations are kept)."""
         state = self.load_state()
         state.watermarks = dict(watermarks)
@@ -147,7 +223,7 @@ def _decode(raw: str | None) -> WatchState:
     if not raw:
         return WatchState()
     data = json.loads(raw)
-    folders = {folder: FolderWatermark.from_dict(values) for folder, values in data.get("folders", {}).items()}
+    folders = {folder: watermark_from_dict(values) for folder, values in data.get("folders", {}).items()}
     reservations = [Reservation.from_dict(r) for r in (data.get("reservations") or {}).values()]
     return WatchState(
         watermarks={folder: mark for folder, mark in folders.items() if mark is not None},
@@ -185,13 +261,13 @@ class VariableWatermarkStore:
             self._backend = default_variables()
         return self._backend
 
-    def load(self) -> dict[str, FolderWatermark]:
+    def load(self) -> dict[str, Watermark]:
         return self.load_state().watermarks
 
     def load_state(self) -> WatchState:
         return _decode(self.backend.get(self.key))
 
-    def save(self, watermarks: dict[str, FolderWatermark]) -> None:
+    def save(self, watermarks: dict[str, Watermark]) -> None:
         """Replace the watermarks (open reservations are kept)."""
         state = self.load_state()
         state.watermarks = dict(watermarks)

@@ -151,4 +151,34 @@ class SmtpThenGraph:
         return result
 
 
-__all__ = ["REMEMBER_SECONDS", "SmtpThenGraph", "forget_disabled", "smtp_auth_disabled"]
+def imap_then_graph(
+    imap: Callable[[], Any],
+    graph: Callable[[], Any],
+    *,
+    key: Hashable,
+    what: str,
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
+    """Receiving with ``transport: auto``: ``imap()``, and ``graph()`` when Exchange refuses the IMAP login.
+
+    Exchange answers a mailbox with IMAP disabled (or a tenant without IMAP) with the same ``NO
+    AUTHENTICATE failed`` as a refused token, so the refusal alone decides; Graph then answers with its
+    own error if the token is the problem. Remembered per process for :data:`REMEMBER_SECONDS`.
+    """
+    imap_key = ("imap", key)
+    if not _known_disabled(imap_key, clock()):
+        try:
+            return imap()
+        except MailAuthenticationError as err:
+            if _remember_disabled(imap_key, clock()):
+                log.warning(
+                    "Exchange refused the IMAP login of %s (%s); transport is auto, so mail is read through "
+                    "Microsoft Graph (this process tries IMAP again in %.0f minutes).",
+                    what,
+                    str(err)[:300],
+                    REMEMBER_SECONDS / 60,
+                )
+    return graph()
+
+
+__all__ = ["REMEMBER_SECONDS", "SmtpThenGraph", "forget_disabled", "imap_then_graph", "smtp_auth_disabled"]

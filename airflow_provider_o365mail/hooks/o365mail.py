@@ -40,7 +40,8 @@ from airflow_provider_o365mail.core.recipient_budget import (
     budget_key,
 )
 from airflow_provider_o365mail.core.send_ledger import SendLedger
-from airflow_provider_o365mail.core.watermark import FolderWatermark, WatermarkStore
+from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
+from airflow_provider_o365mail.core.watermark import Watermark, WatermarkStore
 from airflow_provider_o365mail.exceptions import (
     AuthorizationError,
     ConnectionConfigError,
@@ -51,11 +52,12 @@ from airflow_provider_o365mail.exceptions import (
     ReauthorizationRequired,
     TlsRequiredError,
 )
+from airflow_provider_o365mail.graph import watch as graph_watch
 from airflow_provider_o365mail.graph.client import GRAPH_RETRY, GraphClient
 from airflow_provider_o365mail.graph.sender import SEND_RETRY as GRAPH_SEND_RETRY
 from airflow_provider_o365mail.graph.sender import GraphSender, mailbox_path, sent_items_count
 from airflow_provider_o365mail.hooks import connection_form
-from airflow_provider_o365mail.hooks.fallback import SmtpThenGraph, smtp_auth_disabled
+from airflow_provider_o365mail.hooks.fallback import SmtpThenGraph, imap_then_graph, smtp_auth_disabled
 from airflow_provider_o365mail.imap import watch as imap_watch
 from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
@@ -66,7 +68,6 @@ from airflow_provider_o365mail.imap.pool import DEFAULT_MAX_CONNECTIONS, ImapPoo
 from airflow_provider_o365mail.imap.proxied import ProxiedIMAPClient
 from airflow_provider_o365mail.imap.scan import ImapSession
 from airflow_provider_o365mail.imap.stream import FolderStream
-from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec
 from airflow_provider_o365mail.locks import host_lock
 from airflow_provider_o365mail.runtime import VariableBackend, default_variables, load_connection
 from airflow_provider_o365mail.smtp.proxied import ProxiedSMTP
@@ -98,6 +99,30 @@ def configured_budget(option: str, default: int) -> int:
             "connections and 3 SMTP sessions per mailbox; see docs/receiving.md for sizing."
         )
     return budget
+
+
+#: How sensors, the attachment operator and event triggers read mail.
+RECEIVE_TRANSPORTS = ("imap", "graph", "auto")
+
+
+def receive_transport(requested: str | None, connection_transport: str) -> str:
+    """``imap``, ``graph`` or ``auto``: ``requested``, else the connection's ``transport`` (``smtp``: IMAP)."""
+    value = str(requested or ("imap" if connection_transport == "smtp" else connection_transport)).lower()
+    if value not in RECEIVE_TRANSPORTS:
+        raise ConnectionConfigError(f"transport must be one of {', '.join(RECEIVE_TRANSPORTS)}; got {requested!r}.")
+    return value
+
+
+def is_graph_result(result: CheckResult) -> bool:
+    """The messages were found over Microsoft Graph (they carry Graph ids)."""
+    return any(m.get("graph_id") for m in result.messages) or any(
+        scan.get("transport") == graph_watch.TRANSPORT for scan in result.scanned.values()
+    )
+
+
+def advanced(watermarks: Mapping[str, Watermark], result: CheckResult) -> dict[str, Watermark]:
+    """The watermarks past what ``result`` scanned, whichever transport scanned each folder (pure)."""
+    return graph_watch.advanced(imap_watch.advanced(watermarks, result), result)
 
 
 #: Exchange's name of the folder that holds a copy of every message sent over SMTP AUTH.
@@ -269,22 +294,70 @@ class O365MailHook(BaseHook):
             yield client
 
     def check_mail(
-        self, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None, *, mailbox: str | None = None
+        self,
+        spec: WatchSpec,
+        watermarks: Mapping[str, Watermark] | None = None,
+        *,
+        mailbox: str | None = None,
+        transport: str = "imap",
     ) -> CheckResult:
-        """Messages matching ``spec`` in its folders (read-only; see :mod:`.imap.watch`), over a pooled session."""
+        """Messages matching ``spec`` in its folders (read-only; see :mod:`.imap.watch`, :mod:`.graph.watch`).
+
+        :param transport: ``imap`` (a pooled session), ``graph``, or ``auto`` (IMAP; Graph once Exchange
+            refuses the IMAP login).
+        """
+        if transport == "graph":
+            return self.graph_check_mail(spec, watermarks, mailbox=mailbox)
+        if transport == "auto":
+            return imap_then_graph(
+                lambda: self.check_mail(spec, watermarks, mailbox=mailbox),
+                lambda: self.graph_check_mail(spec, watermarks, mailbox=mailbox),
+                key=self._mailbox_key(mailbox),
+                what=f"{mailbox or 'the mailbox'} (connection {self.conn_id})",
+            )
         with self._imap_errors("checking mail"), ImapSession(lambda: self.pooled_imap_client(mailbox)) as session:
             return imap_watch.check(session, spec, watermarks)
 
     async def acheck_mail(
-        self, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None, *, mailbox: str | None = None
+        self,
+        spec: WatchSpec,
+        watermarks: Mapping[str, Watermark] | None = None,
+        *,
+        mailbox: str | None = None,
+        transport: str = "imap",
     ) -> CheckResult:
         """:meth:`check_mail` from async code: in a thread, at most the budget at once per mailbox, and identical
-        concurrent checks (same spec and watermarks) run once."""
-        budget = configured_budget(IMAP_BUDGET_OPTION, DEFAULT_MAX_CONNECTIONS)
-        gate = check_gate(self._mailbox_key(mailbox), budget)
+        concurrent checks (same spec, watermarks and transport) run once."""
+        if transport == "graph":
+            budget = configured_budget(GRAPH_BUDGET_OPTION, DEFAULT_GRAPH_REQUESTS)
+            gate = check_gate(("graph", *self._mailbox_key(mailbox)), budget)
+        else:
+            budget = configured_budget(IMAP_BUDGET_OPTION, DEFAULT_MAX_CONNECTIONS)
+            gate = check_gate(self._mailbox_key(mailbox), budget)
         marks = {folder: mark.to_dict() for folder, mark in sorted((watermarks or {}).items())}
-        key = (json.dumps(spec.to_dict(), sort_keys=True, default=str), json.dumps(marks, sort_keys=True, default=str))
-        return await gate.run(key, lambda: self.check_mail(spec, watermarks, mailbox=mailbox))
+        key = (
+            transport,
+            json.dumps(spec.to_dict(), sort_keys=True, default=str),
+            json.dumps(marks, sort_keys=True, default=str),
+        )
+        return await gate.run(key, lambda: self.check_mail(spec, watermarks, mailbox=mailbox, transport=transport))
+
+    def graph_mailbox(self, mailbox: str | None = None, **client_options: Any) -> graph_watch.GraphMailbox:
+        """What :mod:`.graph.watch` needs: a Graph client of the mailbox, its path and the folder-cache key."""
+        who, _ = self._graph_mailbox(mailbox)
+        return graph_watch.GraphMailbox(
+            self.graph_client(mailbox, **client_options), who, ("graph", *self._mailbox_key(mailbox))
+        )
+
+    def graph_check_mail(
+        self, spec: WatchSpec, watermarks: Mapping[str, Watermark] | None = None, *, mailbox: str | None = None
+    ) -> CheckResult:
+        """:meth:`check_mail` over Microsoft Graph."""
+        reader = self.graph_mailbox(mailbox)
+        try:
+            return graph_watch.check(reader, spec, watermarks)
+        finally:
+            reader.client.close()
 
     def folder_watch(
         self,
@@ -314,6 +387,13 @@ class O365MailHook(BaseHook):
         """Apply ``spec``'s post-action to ``result``'s messages and advance the watermarks."""
         if not result.messages:
             return
+        if is_graph_result(result):
+            self.apply_post_action(spec, result, mailbox=mailbox)
+            if spec.new_only and store is not None:
+                state = store.load_state()
+                state.watermarks = advanced(state.watermarks, result)
+                store.save_state(state)
+            return
         if not spec.post_action:  # only the watermark moves: no IMAP connection (100 resuming sensors, none used)
             imap_watch.commit(None, spec, result, store)
             return
@@ -324,8 +404,16 @@ class O365MailHook(BaseHook):
             imap_watch.commit(client, spec, result, store)
 
     def apply_post_action(self, spec: WatchSpec, result: CheckResult, *, mailbox: str | None = None) -> None:
-        """Apply ``spec``'s post-action to ``result``'s messages (watermarks untouched)."""
+        """Apply ``spec``'s post-action to ``result``'s messages (watermarks untouched), over the transport
+        that found them."""
         if not (spec.post_action and result.messages):
+            return
+        if is_graph_result(result):
+            reader = self.graph_mailbox(mailbox)
+            try:
+                graph_watch.apply_post_action(reader, spec, result)
+            finally:
+                reader.client.close()
             return
         with (
             self._imap_errors(f"applying post_action={spec.post_action!r}"),

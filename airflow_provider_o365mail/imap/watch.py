@@ -13,94 +13,27 @@ server and only ENVELOPE/BODYSTRUCTURE of the hits are fetched, never bodies.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-from airflow_provider_o365mail.core.criteria import POST_ACTIONS, MailCriteria
-from airflow_provider_o365mail.core.watermark import FolderWatermark, WatermarkStore, seen_key
-from airflow_provider_o365mail.exceptions import CriteriaError
+from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
+from airflow_provider_o365mail.core.watermark import FolderWatermark, Watermark, WatermarkStore, seen_key
 from airflow_provider_o365mail.imap.scan import ImapSession, scan_folder, select
 from airflow_provider_o365mail.imap.search import needs_utf8, search_keys
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WatchSpec:
-    """What to watch and what to do with matches."""
-
-    folders: tuple[str, ...] = ("INBOX",)
-    criteria: MailCriteria = field(default_factory=MailCriteria)
-    new_only: bool = False
-    max_messages: int = 100
-    post_action: str | None = None
-    move_to: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.folders or any(not isinstance(f, str) or not f for f in self.folders):
-            raise CriteriaError("folders must be a folder name or a non-empty list of folder names.")
-        if self.post_action not in POST_ACTIONS:
-            raise CriteriaError(f"post_action must be one of None, 'seen', 'flag', 'move'; got {self.post_action!r}.")
-        if self.post_action == "move" and not self.move_to:
-            raise CriteriaError("post_action='move' needs move_to (the target folder).")
-        if self.max_messages < 1:
-            raise CriteriaError("max_messages must be >= 1.")
-
-    @classmethod
-    def build(
-        cls,
-        folders: str | Sequence[str] = "INBOX",
-        *,
-        new_only: bool = False,
-        max_messages: int = 100,
-        post_action: str | None = None,
-        move_to: str | None = None,
-        **criteria: Any,
-    ) -> WatchSpec:
-        folder_list = (folders,) if isinstance(folders, str) else tuple(folders or ())
-        return cls(
-            folders=folder_list,
-            criteria=MailCriteria.build(**criteria),
-            new_only=bool(new_only),
-            max_messages=int(max_messages),
-            post_action=post_action or None,
-            move_to=move_to or None,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "folders": list(self.folders),
-            "new_only": self.new_only,
-            "max_messages": self.max_messages,
-            "post_action": self.post_action,
-            "move_to": self.move_to,
-            **self.criteria.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> WatchSpec:
-        return cls.build(**dict(data))
+def imap_watermark(mark: Watermark | None) -> FolderWatermark | None:
+    """The IMAP watermark of a folder; a Graph one (the sensor moved from Graph to IMAP) becomes "a
+    folder generation we do not know, written at ``updated_at``": the folder is searched since a day
+    before, skipping messages whose Message-ID the Graph watermark saw."""
+    if mark is None or isinstance(mark, FolderWatermark):
+        return mark
+    return FolderWatermark(uidvalidity=0, last_uid=0, seen_keys=[], updated_at=mark.updated_at)
 
 
-@dataclass
-class CheckResult:
-    """Matches (summaries, oldest first) and, per folder, how far the scan got."""
-
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    scanned: dict[str, dict[str, int]] = field(default_factory=dict)  # folder -> {uidvalidity, high_uid, uidnext}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"messages": self.messages, "scanned": self.scanned}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CheckResult:
-        return cls(messages=list(data.get("messages", [])), scanned=dict(data.get("scanned", {})))
-
-
-def check(
-    session: ImapSession, spec: WatchSpec, watermarks: Mapping[str, FolderWatermark] | None = None
-) -> CheckResult:
+def check(session: ImapSession, spec: WatchSpec, watermarks: Mapping[str, Watermark] | None = None) -> CheckResult:
     """Find matching messages; change nothing on the server.
 
     A message summarised without its structure (``"unparsed"``) matches criteria about attachments
@@ -114,7 +47,7 @@ def check(
         scan = scan_folder(
             session,
             folder,
-            watermarks.get(folder) if spec.new_only else None,
+            imap_watermark(watermarks.get(folder)) if spec.new_only else None,
             search_keys=search_keys(spec.criteria),
             charset=charset,
         )
@@ -157,12 +90,14 @@ def apply_post_action(client: Any, spec: WatchSpec, result: CheckResult) -> None
         _post_action(client, spec, result)
 
 
-def advanced(watermarks: Mapping[str, FolderWatermark], result: CheckResult) -> dict[str, FolderWatermark]:
+def advanced(watermarks: Mapping[str, Watermark], result: CheckResult) -> dict[str, Watermark]:
     """The watermarks past what ``result`` scanned (pure)."""
     marks = dict(watermarks)
     for folder, scan in result.scanned.items():
+        if "uidvalidity" not in scan:  # another transport's scan (Graph: a delta link)
+            continue
         keys = [seen_key(m) for m in result.messages if m["folder"] == folder]
-        previous = marks.get(folder) or FolderWatermark(uidvalidity=scan["uidvalidity"], last_uid=0)
+        previous = imap_watermark(marks.get(folder)) or FolderWatermark(uidvalidity=scan["uidvalidity"], last_uid=0)
         marks[folder] = previous.advanced(scan["uidvalidity"], scan["high_uid"], keys)
     return marks
 
@@ -185,6 +120,12 @@ def _post_action(client: Any, spec: WatchSpec, result: CheckResult) -> None:
             client.add_flags(uids, [b"\\Seen"], silent=True)
         elif spec.post_action == "flag":
             client.add_flags(uids, [b"\\Flagged"], silent=True)
+        elif spec.post_action == "delete":  # Exchange moves expunged messages to Recoverable Items
+            client.delete_messages(uids, silent=True)
+            if client.has_capability("UIDPLUS"):
+                client.uid_expunge(uids)
+            else:
+                client.expunge()
         elif spec.post_action == "move":
             if client.has_capability("MOVE"):
                 client.move(uids, spec.move_to)

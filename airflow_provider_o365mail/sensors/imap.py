@@ -12,6 +12,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.core.criteria import POST_ACTIONS, CriteriaError
+from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
 from airflow_provider_o365mail.core.watermark import (
     Reservation,
     VariableWatermarkStore,
@@ -19,9 +20,8 @@ from airflow_provider_o365mail.core.watermark import (
     task_key,
     variable_key,
 )
-from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.hooks.o365mail import O365MailHook, advanced, is_graph_result, receive_transport
 from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS
-from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec, advanced
 from airflow_provider_o365mail.triggers.imap import O365ImapTrigger, raise_from_event
 from airflow_provider_o365mail.version_compat import conf
 
@@ -51,7 +51,8 @@ class O365ImapSensor(BaseSensorOperator):
     :param new_only: only messages that arrived since this sensor's last success (watermark per
         connection, mailbox, folder and ``watermark_id``; survives restarts).
     :param max_messages: at most this many summaries (oldest first); the rest waits for the next run.
-    :param post_action: ``None``, ``"seen"``, ``"flag"`` or ``"move"`` (with ``move_to``) on the matches.
+    :param post_action: ``None``, ``"seen"``, ``"flag"``, ``"move"`` (with ``move_to``) or ``"delete"`` on the
+        matches.
     :param move_to: target folder for ``post_action="move"``. (templated)
     :param mailbox: another mailbox the signed-in user may open (shared mailbox). (templated)
     :param watermark_id: name of the watermark; default ``<dag_id>.<task_id>``.
@@ -59,6 +60,10 @@ class O365ImapSensor(BaseSensorOperator):
     :param poll_interval: seconds between checks in the triggerer where the server offers no IDLE.
     :param idle_timeout: re-issue IDLE (and re-check) after this many seconds; at most 25 minutes. Lower
         it if a firewall drops idle connections sooner.
+    :param transport: ``"imap"``, ``"graph"`` (Microsoft Graph: where IMAP is off) or ``"auto"`` (IMAP, and
+        Graph once Exchange refuses the IMAP login); default: the connection's ``transport`` (``smtp``
+        means IMAP). Raw IMAP ``criteria`` work over IMAP only. Over Graph the deferrable wait polls the
+        folder's changes (``poll_interval``, shared by every sensor of the folder in the triggerer).
     Pushes to XCom a list of message summaries (folder, uid, uidvalidity, message_id, from, to, cc, subject,
         date, received, size, flags, attachments[name, content_type, size, encoding, section, inline]).
     """
@@ -102,11 +107,22 @@ class O365ImapSensor(BaseSensorOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 60.0,
         idle_timeout: float = MAX_IDLE_SECONDS,
+        transport: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if transport is not None:
+            receive_transport(transport, "smtp")  # a wrong name fails at DAG parse
+        if transport in ("graph", "auto") and criteria:
+            raise CriteriaError(
+                "Raw IMAP criteria cannot be sent to Microsoft Graph; with transport='graph' or 'auto' use the "
+                "readable criteria (sender, recipient, subject, since, before, unseen, header, has_attachment, "
+                "attachment_name)."
+            )
         if post_action not in POST_ACTIONS:
-            raise CriteriaError(f"post_action must be one of None, 'seen', 'flag', 'move'; got {post_action!r}.")
+            raise CriteriaError(
+                f"post_action must be one of None, 'seen', 'flag', 'move', 'delete'; got {post_action!r}."
+            )
         if post_action == "move" and not move_to:
             raise CriteriaError("post_action='move' needs move_to (the target folder).")
         self.conn_id = conn_id
@@ -130,8 +146,13 @@ class O365ImapSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.idle_timeout = min(float(idle_timeout), MAX_IDLE_SECONDS)
+        self.transport = transport
 
     # ------------------------------------------------------------------ helpers
+    def receive_transport(self, hook: O365MailHook) -> str:
+        """``imap``, ``graph`` or ``auto`` for this sensor (its own, else the connection's)."""
+        return receive_transport(self.transport, hook.settings.transport)
+
     def watch_spec(self) -> WatchSpec:
         return WatchSpec.build(
             self.folders,
@@ -225,6 +246,11 @@ class O365ImapSensor(BaseSensorOperator):
             return mine.messages
         result = result_of(state)
         if result is None or not result.messages:
+            if result is not None and spec.new_only and is_graph_result(result):
+                # Over Graph a check that matched nothing still moves the delta link on; else every later
+                # check reads all the folder's changes since the last match again.
+                state.watermarks = advanced(state.watermarks, result)
+                store.save_state(state)
             return None
         dag_id, run_id, task_id, map_index = me.split("|")
         state.reserve(
@@ -244,7 +270,7 @@ class O365ImapSensor(BaseSensorOperator):
             self.log.info(
                 "Matched %s/%s: %r from %s (%d attachment(s)).",
                 message["folder"],
-                message["uid"],
+                message.get("uid") or message.get("message_id"),
                 message["subject"],
                 message["from"],
                 len(message["attachments"]),
@@ -255,12 +281,13 @@ class O365ImapSensor(BaseSensorOperator):
         spec = self.watch_spec()
         hook = O365MailHook(self.conn_id)
         store = self._store(spec)
+        transport = self.receive_transport(hook)
 
         def check(state: WatchState | None) -> CheckResult:
             marks = None
             if spec.new_only and store is not None:
                 marks = state.watermarks if state is not None else store.load()
-            return hook.check_mail(spec, marks, mailbox=self.mailbox)
+            return hook.check_mail(spec, marks, mailbox=self.mailbox, transport=transport)
 
         messages = self._deliver(context, hook, spec, check)
         if messages is None:
@@ -283,6 +310,7 @@ class O365ImapSensor(BaseSensorOperator):
                 mailbox=self.mailbox,
                 poll_interval=self.poll_interval,
                 max_idle=self.idle_timeout,
+                transport=self.receive_transport(O365MailHook(self.conn_id)),
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout),

@@ -25,10 +25,10 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
+from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
 from airflow_provider_o365mail.core.watermark import VariableWatermarkStore
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
 from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, PERMANENT_ERRORS, RECONNECT
-from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class O365ImapTrigger(BaseTrigger):
     :param mailbox: another mailbox to open (shared mailbox).
     :param poll_interval: seconds between checks where the server has no IDLE.
     :param max_idle: re-issue IDLE after this many seconds (at most 25 minutes).
+    :param transport: ``imap``, ``graph`` or ``auto`` (resolved by the sensor on the worker).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class O365ImapTrigger(BaseTrigger):
         mailbox: str | None = None,
         poll_interval: float = 60.0,
         max_idle: float = MAX_IDLE_SECONDS,
+        transport: str = "imap",
     ) -> None:
         super().__init__()
         self.conn_id = conn_id
@@ -81,6 +83,7 @@ class O365ImapTrigger(BaseTrigger):
         self.mailbox = mailbox
         self.poll_interval = float(poll_interval)
         self.max_idle = min(float(max_idle), MAX_IDLE_SECONDS)
+        self.transport = transport
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -92,6 +95,7 @@ class O365ImapTrigger(BaseTrigger):
                 "mailbox": self.mailbox,
                 "poll_interval": self.poll_interval,
                 "max_idle": self.max_idle,
+                "transport": self.transport,
             },
         )
 
@@ -99,7 +103,7 @@ class O365ImapTrigger(BaseTrigger):
         marks = None
         if spec.new_only and self.watermark_key:
             marks = await asyncio.to_thread(VariableWatermarkStore(self.watermark_key).load)  # a Variable read
-        return await hook.acheck_mail(spec, marks, mailbox=self.mailbox)
+        return await hook.acheck_mail(spec, marks, mailbox=self.mailbox, transport=self.transport)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:

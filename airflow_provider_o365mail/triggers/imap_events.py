@@ -27,11 +27,11 @@ from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from airflow_provider_o365mail.connection import DEFAULT_CONN_ID
 from airflow_provider_o365mail.core.criteria import POST_ACTIONS, CriteriaError, MailCriteria
+from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
 from airflow_provider_o365mail.core.watermark import FolderWatermark
 from airflow_provider_o365mail.event_state import EMITTED_KEY, SOURCE_MARKER, emitted_id
 from airflow_provider_o365mail.exceptions import O365MailError
 from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS
-from airflow_provider_o365mail.imap.watch import CheckResult, WatchSpec
 
 try:  # Airflow >= 3.3
     from airflow.triggers.shared_stream import AdvanceItem, SharedStreamProducer

@@ -145,7 +145,7 @@ def test_spec_round_trips_through_json():
     with pytest.raises(CriteriaError):
         WatchSpec.build("INBOX", post_action="move")
     with pytest.raises(CriteriaError):
-        WatchSpec.build("INBOX", post_action="delete")
+        WatchSpec.build("INBOX", post_action="archive")
 
 
 def test_cap_keeps_the_oldest_and_holds_the_watermark_back():

@@ -6,6 +6,7 @@ A fake hook and an in-memory Variable: what is tested is the order of effects, n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,8 +37,10 @@ class FakeHook:
 
     inbox: list[int] = field(default_factory=list)
     post_actions: list[list[int]] = field(default_factory=list)
+    settings: Any = field(default_factory=lambda: SimpleNamespace(transport="smtp"))
 
-    def check_mail(self, spec, watermarks, *, mailbox=None):
+    def check_mail(self, spec, watermarks, *, mailbox=None, transport="imap"):
+        assert transport == "imap"
         last = watermarks["INBOX"].last_uid if watermarks and "INBOX" in watermarks else 0
         new = [u for u in self.inbox if u > last]
         messages = [

@@ -305,6 +305,7 @@ class MailReader:
         if filter_ is not None and orderby is not None:
             odata.check_filter_and_orderby(filter_, orderby)
         top, skip = _paging(query, self.settings.list_page_size)
+        expand = expanded_attachments(query.get("$expand"))
         named = set(filter_.properties if filter_ else ()) | {name.split("/")[0] for name, _ in orderby or ()}
         need_views = search is not None or bool(odata.BODY_PROPERTIES & named)
         draft_ids = {d.uid: d.id for d in self.drafts.of_mailbox(mailbox.address)} if self.drafts else {}
@@ -353,7 +354,10 @@ class MailReader:
                     full=True,
                     draft_ids=draft_ids if info.name == "Drafts" else None,
                 )
-            value.append(_select(message, wanted, full))
+            item_json = _select(message, wanted, full)
+            if expand is not None:
+                item_json["attachments"] = self._expanded(mailbox, info, item, view, item_json["id"], expand)
+            value.append(item_json)
         where = f"mailFolders('{folder_reference}')/messages" if folder_reference else "messages"
         answer: dict[str, Any] = {
             "@odata.context": f"{views.GRAPH_ROOT}/$metadata#users('{mailbox.oid}')/{where}",
@@ -362,6 +366,28 @@ class MailReader:
         if skip + top < len(rows):
             answer["@odata.nextLink"] = _next_link(base, query, skip + top)
         return answer
+
+    def _expanded(
+        self,
+        mailbox: Mailbox,
+        info: FolderInfo,
+        stored: StoredMessage,
+        view: mailview.MailView | None,
+        message_id: str,
+        selected: list[str],
+    ) -> list[dict[str, Any]]:
+        """``$expand=attachments($select=...)``: the message's attachments, without their content."""
+        view = view or self._view(mailbox, info, stored.uid)
+        if view is None:
+            return []
+        modified = views.iso(stored.received)
+        out = []
+        for part in view.attachments:
+            item = mailview.attachment_json(part, message_id, with_content=False, modified=modified)
+            if selected:
+                item = {k: v for k, v in item.items() if k in selected or k in ("id", "@odata.type")}
+            out.append(item)
+        return out
 
     # ------------------------------------------------------------------ attachments
     def _attachments(self, mailbox: Mailbox, message_id: str) -> tuple[mailview.MailView, str]:
@@ -560,11 +586,15 @@ class MailReader:
             m_uid: m
             for m_uid, m in zip(stored, self._render(mailbox, info, list(stored.values()), selected, **kw), strict=True)
         }
+        expand = expanded_attachments(params.get("$expand"))
         out = []
         for uid, kind, uidvalidity in page:
             uid = int(uid)
             if kind != "deleted" and uid in rendered:
-                out.append({"@odata.type": "#microsoft.graph.message", **rendered[uid]})
+                item = {"@odata.type": "#microsoft.graph.message", **rendered[uid]}
+                if expand is not None:
+                    item["attachments"] = self._expanded(mailbox, info, stored[uid], None, item["id"], expand)
+                out.append(item)
                 continue
             message_id = self.codec.message_id(mailbox.address, MessageRef(info.guid, int(uidvalidity), uid))
             out.append({"@odata.type": "#microsoft.graph.message", "id": message_id, "@removed": {"reason": "deleted"}})
@@ -648,7 +678,31 @@ def _delta_params(query: dict[str, str]) -> dict[str, str]:
         except ValueError:
             raise errors.bad_query("Invalid $top value.") from None
         params["$top"] = str(max(1, min(top, MAX_TOP)))
+    if "$expand" in query:
+        expanded_attachments(query["$expand"])
+        params["$expand"] = query["$expand"]
     return params
+
+
+_EXPAND = re.compile(r"^\s*attachments\s*(?:\(\s*\$select\s*=\s*([^)]*)\))?\s*$", re.I)
+ATTACHMENT_PROPERTIES = ("id", "name", "contentType", "size", "isInline", "lastModifiedDateTime", "contentId")
+
+
+def expanded_attachments(text: str | None) -> list[str] | None:
+    """The attachment properties ``$expand=attachments($select=...)`` asks for ([] = all); None: no expand."""
+    if not text:
+        return None
+    found = _EXPAND.match(text)
+    if found is None:
+        raise errors.bad_query(f"Parsing OData Select and Expand failed: '{text}' cannot be expanded here.")
+    known = {p.lower(): p for p in ATTACHMENT_PROPERTIES}
+    selected = []
+    for name in (found.group(1) or "").split(","):
+        if name.strip():
+            if name.strip().lower() not in known:
+                raise errors.unknown_property(name.strip())
+            selected.append(known[name.strip().lower()])
+    return selected
 
 
 FOLDER_PROPERTIES = (
