@@ -79,6 +79,9 @@ class FolderWatermark:
         )
 
 
+#: The size part of a :func:`seen_key` that matches any size (a Graph watermark's Message-IDs: Graph
+#: does not return a message's size).
+ANY_SIZE = "*"
 #: Graph ids of reported messages kept per folder (a delta link is re-read until it advances).
 SEEN_GRAPH_IDS_KEPT = 5000
 DELTA_KIND = "graph-delta"
@@ -98,6 +101,8 @@ class DeltaWatermark:
     folder_id: str
     delta_link: str | None = None
     seen_ids: list[str] = field(default_factory=list)
+    #: Internet Message-IDs of the last reported messages: a watch moved to IMAP skips them.
+    seen_message_ids: list[str] = field(default_factory=list)
     since: float = 0.0
     #: When ``delta_link`` was obtained: a link never replaces a newer one.
     obtained_at: float = 0.0
@@ -111,9 +116,11 @@ class DeltaWatermark:
         since: float,
         reported: Iterable[str | None],
         now: float | None = None,
+        reported_message_ids: Iterable[str | None] = (),
     ) -> DeltaWatermark:
         same_folder = folder_id == self.folder_id
         seen = [*(self.seen_ids if same_folder else []), *(r for r in reported if r)]
+        message_ids = [*self.seen_message_ids, *(m for m in reported_message_ids if m)]
         link, at, bound = delta_link, obtained_at, since
         if same_folder and self.delta_link and (delta_link is None or obtained_at < self.obtained_at):
             link, at, bound = self.delta_link, self.obtained_at, max(self.since, since)
@@ -121,6 +128,7 @@ class DeltaWatermark:
             folder_id=folder_id,
             delta_link=link,
             seen_ids=list(dict.fromkeys(reversed(seen)))[:SEEN_GRAPH_IDS_KEPT][::-1],
+            seen_message_ids=list(dict.fromkeys(reversed(message_ids)))[:SEEN_IDS_KEPT][::-1],
             since=bound,
             obtained_at=at,
             updated_at=time.time() if now is None else now,
@@ -137,6 +145,7 @@ class DeltaWatermark:
             folder_id=str(data["folder_id"]),
             delta_link=str(data["delta_link"]) if data.get("delta_link") else None,
             seen_ids=[str(m) for m in data.get("seen_ids") or []][-SEEN_GRAPH_IDS_KEPT:],
+            seen_message_ids=[str(m) for m in data.get("seen_message_ids") or []][-SEEN_IDS_KEPT:],
             since=float(data.get("since", 0.0)),
             obtained_at=float(data.get("obtained_at", 0.0)),
             updated_at=float(data.get("updated_at", 0.0)),

@@ -104,6 +104,7 @@ class GraphClient:
         params: Mapping[str, str] | None = None,
         authorized: bool = True,
         repeatable: bool = True,
+        stream: bool = False,
     ) -> requests.Response:
         """One Graph request with the retries above; the 2xx response.
 
@@ -111,6 +112,7 @@ class GraphClient:
         :param authorized: send the bearer token (not on an upload session's pre-authenticated URL).
         :param repeatable: False for a request whose repetition could change something twice (a send,
             an upload chunk): an unanswered attempt or a 504 raises :class:`NoAnswer` instead of a retry.
+        :param stream: the 2xx response's body is read by the caller (``iter_content``), not here.
         """
         url = self.url(path)
         force_refresh = False
@@ -119,7 +121,7 @@ class GraphClient:
         while True:
             attempt += 1
             reason, retry_after = self._attempt(
-                method, url, doing, json, data, headers, params, authorized, repeatable, force_refresh
+                method, url, doing, json, data, headers, params, authorized, repeatable, force_refresh, stream
             )
             if isinstance(reason, requests.Response):
                 return reason
@@ -166,6 +168,7 @@ class GraphClient:
         authorized: bool,
         repeatable: bool,
         force_refresh: bool,
+        stream: bool = False,
     ) -> tuple[requests.Response | GraphReply | str, float | None]:
         """One try: the response, the refusal, or why nothing came back (and a ``Retry-After``)."""
         sent_headers = dict(headers or {})
@@ -184,6 +187,7 @@ class GraphClient:
                     params=params,
                     timeout=self.timeout,
                     allow_redirects=False,
+                    stream=stream,
                 )
             except requests.exceptions.SSLError as err:
                 raise MailServerUnavailable(

@@ -269,7 +269,13 @@ def advanced(
         previous = marks.get(folder)
         base = previous if isinstance(previous, DeltaWatermark) else DeltaWatermark(folder_id=scan["folder_id"])
         marks[folder] = base.advanced(
-            scan["folder_id"], scan.get("delta_link"), float(scan["obtained_at"]), float(scan["since"]), reported, now
+            scan["folder_id"],
+            scan.get("delta_link"),
+            float(scan["obtained_at"]),
+            float(scan["since"]),
+            reported,
+            now,
+            reported_message_ids=[m.get("message_id") for m in result.messages if m["folder"] == folder],
         )
     return marks
 

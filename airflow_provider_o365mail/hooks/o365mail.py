@@ -53,6 +53,7 @@ from airflow_provider_o365mail.exceptions import (
     TlsRequiredError,
 )
 from airflow_provider_o365mail.graph import watch as graph_watch
+from airflow_provider_o365mail.graph.attachments import GraphAttachmentReader
 from airflow_provider_o365mail.graph.client import GRAPH_RETRY, GraphClient
 from airflow_provider_o365mail.graph.sender import SEND_RETRY as GRAPH_SEND_RETRY
 from airflow_provider_o365mail.graph.sender import GraphSender, mailbox_path, sent_items_count
@@ -420,6 +421,16 @@ class O365MailHook(BaseHook):
             self.pooled_imap_client(mailbox) as client,
         ):
             imap_watch.apply_post_action(client, spec, result)
+
+    @contextlib.contextmanager
+    def graph_attachment_reader(self, mailbox: str | None = None) -> Iterator[GraphAttachmentReader]:
+        """Reads the attachments of messages sensed over Microsoft Graph (``/$value``, streamed)."""
+        who, _ = self._graph_mailbox(mailbox)
+        reader = GraphAttachmentReader(self.graph_client(mailbox), who)
+        try:
+            yield reader
+        finally:
+            reader.close()
 
     @contextlib.contextmanager
     def attachment_reader(self, mailbox: str | None = None) -> Iterator[ImapAttachmentReader]:

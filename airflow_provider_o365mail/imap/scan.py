@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_o365mail import hints
-from airflow_provider_o365mail.core.watermark import FolderWatermark, seen_key
+from airflow_provider_o365mail.core.watermark import ANY_SIZE, FolderWatermark, seen_key
 from airflow_provider_o365mail.exceptions import MailServerError
 from airflow_provider_o365mail.imap.summary import FETCH_ITEMS, summarize
 
@@ -179,7 +179,9 @@ def scan_folder(
             summary = summarize(folder, uidvalidity, uid, data)
             if uid not in structures:
                 summary["unparsed"] = True
-            if rescan_skips and seen_key(summary) in rescan_skips:
+            if rescan_skips and (
+                seen_key(summary) in rescan_skips or f"{summary.get('message_id')}|{ANY_SIZE}" in rescan_skips
+            ):
                 continue
             scan.messages.append(ScannedMessage(summary, data))
     return scan

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
-from airflow_provider_o365mail.core.watermark import FolderWatermark, Watermark, WatermarkStore, seen_key
+from airflow_provider_o365mail.core.watermark import ANY_SIZE, FolderWatermark, Watermark, WatermarkStore, seen_key
 from airflow_provider_o365mail.imap.scan import ImapSession, scan_folder, select
 from airflow_provider_o365mail.imap.search import needs_utf8, search_keys
 
@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 def imap_watermark(mark: Watermark | None) -> FolderWatermark | None:
     """The IMAP watermark of a folder; a Graph one (the sensor moved from Graph to IMAP) becomes "a
     folder generation we do not know, written at ``updated_at``": the folder is searched since a day
-    before, skipping messages whose Message-ID the Graph watermark saw."""
+    before, skipping messages whose Message-ID the Graph watermark reported."""
     if mark is None or isinstance(mark, FolderWatermark):
         return mark
-    return FolderWatermark(uidvalidity=0, last_uid=0, seen_keys=[], updated_at=mark.updated_at)
+    keys = [f"{message_id}|{ANY_SIZE}" for message_id in mark.seen_message_ids]
+    return FolderWatermark(uidvalidity=0, last_uid=0, seen_keys=keys, updated_at=mark.updated_at)
 
 
 def check(session: ImapSession, spec: WatchSpec, watermarks: Mapping[str, Watermark] | None = None) -> CheckResult:

@@ -39,7 +39,9 @@ def _as_messages(value: Any) -> list[Mapping[str, Any]]:
 class O365ImapAttachmentOperator(BaseOperator):
     """Save attachments of the given messages (the sensor's XCom) into a directory.
 
-    Parts are fetched in 1 MiB slices and decoded on the fly (``imap.attachments``), so a 100 MB
+    Over IMAP parts are fetched in 1 MiB slices and decoded on the fly (``imap.attachments``); messages
+    the sensor found over Microsoft Graph are read from Graph's ``/$value`` as a stream
+    (``graph.attachments``, a moved message is found again by its Message-ID). Either way a 100 MB
     attachment never sits in memory. Names from the sender are reduced to a safe
     base name (no ``..``, no path separators, no control characters); clashes get `` (1)``.
 
@@ -97,7 +99,17 @@ class O365ImapAttachmentOperator(BaseOperator):
         written: list[str] = []
         pattern = (self.attachment_name or "*").lower()
         hook = O365MailHook(self.conn_id)
-        with hook.attachment_reader(self.mailbox) as reader:
+        with contextlib.ExitStack() as stack:
+            readers: dict[str, Any] = {}
+
+            def reader_for(message: Mapping[str, Any]) -> Any:
+                # Messages sensed over Graph carry Graph ids and are read over Graph; the others over IMAP.
+                kind = "graph" if message.get("graph_id") else "imap"
+                if kind not in readers:
+                    opened = hook.graph_attachment_reader if kind == "graph" else hook.attachment_reader
+                    readers[kind] = stack.enter_context(opened(self.mailbox))
+                return readers[kind]
+
             for message in _by_folder(messages):
                 for attachment in message.get("attachments") or []:
                     if attachment.get("inline") and not self.include_inline:
@@ -109,9 +121,13 @@ class O365ImapAttachmentOperator(BaseOperator):
                         name = unique_name(name, taken)
                     taken.add(name)
                     destination = target / name
-                    size = _save(reader.chunks(message, attachment), destination)
+                    size = _save(reader_for(message).chunks(message, attachment), destination)
                     self.log.info(
-                        "Saved %s (%d bytes) from %s/%s.", destination, size, message.get("folder"), message.get("uid")
+                        "Saved %s (%d bytes) from %s/%s.",
+                        destination,
+                        size,
+                        message.get("folder"),
+                        message.get("uid") or message.get("message_id"),
                     )
                     written.append(str(destination))
         return written

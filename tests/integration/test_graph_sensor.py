@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +201,41 @@ def test_watch_moved_from_imap_to_graph_does_not_repeat(graph_conn, o365_sandbox
     append_messages(sbx, sbx.user, folder, [raw(f"{tag} later")])
     assert subjects(sensor(conn_id, **kwargs).poke({})) == [f"{tag} later"]
     assert sensor(conn_id, **kwargs).poke({}) is False
+
+
+def test_attachments_of_graph_summaries_download_exactly_even_after_a_move(graph_conn, o365_sandbox, folder, tmp_path):
+    import hashlib
+    import os
+
+    from airflow_provider_o365mail.operators.imap_attachments import O365ImapAttachmentOperator
+
+    sbx, conn_id = o365_sandbox, graph_conn()
+    tag = unique("graph files")
+    big = os.urandom(6 * 1024 * 1024 + 123)
+    files = {"report.csv": b"a,b\n1,2\n", "../../etc/passwd": b"root", "big.bin": big}
+    append_messages(sbx, sbx.user, folder, [raw(f"{tag} 1", files=files)])
+    target = f"{folder}/Done"
+    with imap_session(sbx, sbx.user) as client:
+        client.create_folder(target)
+    found = sensor(conn_id, folders=folder, subject=tag, post_action="move", move_to=target).poke({})
+    [summary] = found.xcom_value
+    assert sorted(a["name"] for a in summary["attachments"]) == sorted(files)
+    written = O365ImapAttachmentOperator(
+        task_id="save", conn_id=conn_id, messages=found.xcom_value, target_dir=str(tmp_path)
+    ).execute({})
+    saved = {os.path.basename(p): Path(p).read_bytes() for p in written}
+    assert set(saved) == {"report.csv", "passwd", "big.bin"}, "names reduced to safe base names"
+    assert hashlib.sha256(saved["big.bin"]).digest() == hashlib.sha256(big).digest()
+    assert saved["report.csv"] == files["report.csv"] and saved["passwd"] == b"root"
+    assert all(os.path.dirname(p) == str(tmp_path) for p in written)
+
+
+def test_watch_moved_from_graph_to_imap_does_not_repeat(graph_conn, o365_sandbox, folder):
+    sbx, conn_id = o365_sandbox, graph_conn()
+    tag = unique("graph back")
+    kwargs = {"folders": folder, "subject": tag, "new_only": True, "watermark_id": f"bk-{folder}"}
+    append_messages(sbx, sbx.user, folder, [raw(f"{tag} {i}") for i in range(2)])
+    assert len(subjects(sensor(conn_id, **kwargs).poke({}))) == 2
+    append_messages(sbx, sbx.user, folder, [raw(f"{tag} later")])
+    assert subjects(sensor(conn_id, transport="imap", **kwargs).poke({})) == [f"{tag} later"]
+    assert sensor(conn_id, transport="imap", **kwargs).poke({}) is False
