@@ -152,9 +152,10 @@ CONN_FIELDS = {
     ),
     "transport": _text(
         "Send through",
-        f"{TRANSPORT_SMTP}: SMTP AUTH (XOAUTH2). {TRANSPORT_GRAPH}: Microsoft Graph (for tenants with SMTP AUTH "
-        f"off; mail up to 150 MB). {TRANSPORT_AUTO}: SMTP, and Graph when Exchange answers that SMTP AUTH is "
-        "disabled (535 5.7.139). Graph needs its own consent: Authorize again after changing this.",
+        f"{TRANSPORT_SMTP}: SMTP AUTH (XOAUTH2), and sensors read over IMAP. {TRANSPORT_GRAPH}: Microsoft Graph for "
+        f"sending and reading (for tenants with SMTP AUTH or IMAP off; mail up to 150 MB). {TRANSPORT_AUTO}: SMTP "
+        "and IMAP, and Graph when Exchange answers that SMTP AUTH is disabled (535 5.7.139) or refuses the IMAP "
+        "login. A sensor's own transport= wins. Graph needs its own consent: Authorize again after changing this.",
         default=DEFAULT_TRANSPORT,
         enum=list(TRANSPORTS),
     ),
