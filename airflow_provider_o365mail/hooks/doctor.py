@@ -275,7 +275,17 @@ def diagnose(conn_id: str) -> list[Check]:
         checks.append(Check(link, FAIL, str(err), fix))
         return [*checks, *(Check(link, SKIP, "needs an access token") for link in later)]
 
-    checks.append(_run("IMAP", lambda: _imap_check(hook), settings))
+    if settings.transport == TRANSPORT_GRAPH:
+        checks.append(
+            Check(
+                "IMAP",
+                SKIP,
+                "not needed: transport graph reads through Microsoft Graph (a sensor with transport='imap' would "
+                "need it)",
+            )
+        )
+    else:
+        checks.append(_run("IMAP", lambda: _imap_check(hook), settings))
     if settings.transport == TRANSPORT_GRAPH:
         checks.append(Check("SMTP", SKIP, "not needed: transport graph sends through Microsoft Graph, not SMTP AUTH"))
     else:
@@ -387,6 +397,12 @@ def _auto_smtp_verdict(checks: list[Check], s: O365MailSettings) -> None:
         smtp.status = WARN
         smtp.detail += " (transport auto: this mailbox's mail goes through Microsoft Graph instead, which works)"
         smtp.fix = "Nothing to do for sending; enable SMTP AUTH for the mailbox only if you want SMTP used."
+    imap = next((c for c in checks if c.link == "IMAP"), None)
+    graph_reads = any(c.link == "Graph" and c.status == OK for c in checks)
+    if imap is not None and imap.status == FAIL and imap.detail.startswith(IMAP_REFUSED) and graph_reads:
+        imap.status = WARN
+        imap.detail += " (transport auto: sensors read this mailbox through Microsoft Graph instead, which works)"
+        imap.fix = "Nothing to do for reading; enable IMAP for the mailbox only if you want IMAP used."
 
 
 def _check_store(store: TokenStore, stored: StoredCache | None) -> Check:
@@ -450,10 +466,16 @@ def _smtp_check(hook: Any) -> str:
         return f"STARTTLS and AUTH XOAUTH2 accepted (max message size {client.esmtp_features.get('size', '?')})"
 
 
+#: How the IMAP check's detail starts when Exchange refused the login (IMAP off, or the token refused).
+IMAP_REFUSED = "Exchange refused the IMAP login"
+
+
 def _run(link: str, check: Callable[[], str], settings: O365MailSettings) -> Check:
     try:
         return Check(link, OK, check())
     except exc.O365MailError as err:
+        if link == "IMAP" and isinstance(err, exc.MailAuthenticationError):
+            return Check(link, FAIL, f"{IMAP_REFUSED}: {err}", hints.IMAP_CHECK_FAILED)
         if link == "SMTP" and smtp_auth_disabled(err):
             fix = hints.SMTP_AUTH_DISABLED
         elif link == "SMTP":

@@ -45,8 +45,8 @@ def graph_reads(admin, upn: str) -> int:
 def test_doctor_graph_gets_a_graph_token_and_reads_without_logging_in_to_smtp(with_transport, o365_sandbox, o365_admin):
     sbx = o365_sandbox
     conn_id = with_transport("graph")
-    # SMTP AUTH off for the mailbox: a graph-only connection does not need it (an SMTP login would fail).
-    o365_admin.update_user(sbx.user, smtp_auth_enabled=False)
+    # SMTP AUTH and IMAP off for the mailbox: a graph-only connection needs neither (their logins would fail).
+    o365_admin.update_user(sbx.user, smtp_auth_enabled=False, imap_enabled=False)
     before = graph_reads(o365_admin, sbx.user)
     code, checks = doctor(conn_id)
     assert code == 0, checks
@@ -63,7 +63,8 @@ def test_doctor_graph_gets_a_graph_token_and_reads_without_logging_in_to_smtp(wi
         "Graph",
     ]
     assert checks["SMTP"]["status"] == "skip" and "not needed" in checks["SMTP"]["detail"]
-    assert {c["status"] for link, c in checks.items() if link != "SMTP"} == {"ok"}, checks
+    assert checks["IMAP"]["status"] == "skip" and "reads through Microsoft Graph" in checks["IMAP"]["detail"]
+    assert {c["status"] for link, c in checks.items() if link not in ("SMTP", "IMAP")} == {"ok"}, checks
     assert f"{GRAPH}/Mail.Send" in checks["scopes"]["detail"] and "SMTP.Send" in checks["scopes"]["detail"]
     assert "Mail.Send" in checks["Graph token"]["detail"]
     assert graph_reads(o365_admin, sbx.user) == before + 1, "one harmless Graph request reached the stand-in"
@@ -91,6 +92,17 @@ def test_doctor_auto_accepts_smtp_auth_disabled_when_graph_works(with_transport,
     smtp = checks["SMTP"]
     assert smtp["status"] == "warn" and "5.7.139" in smtp["detail"] and "through Microsoft Graph" in smtp["detail"]
     assert checks["Graph token"]["status"] == checks["Graph"]["status"] == "ok", checks
+
+
+def test_doctor_auto_accepts_imap_off_when_graph_reads(with_transport, o365_sandbox, o365_admin):
+    sbx = o365_sandbox
+    conn_id = with_transport("auto")
+    o365_admin.update_user(sbx.user, imap_enabled=False)
+    code, checks = doctor(conn_id)
+    assert code == 0, checks
+    imap = checks["IMAP"]
+    assert imap["status"] == "warn" and "refused the IMAP login" in imap["detail"], imap
+    assert "through Microsoft Graph" in imap["detail"]
 
 
 def test_doctor_smtp_transport_has_no_graph_step(o365mail_conn, o365_admin, o365_sandbox):
