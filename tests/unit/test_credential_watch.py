@@ -237,3 +237,27 @@ def test_the_listener_leaves_other_jobs_and_an_opted_out_deployment_alone(monkey
     thread = credential_listener._threads.pop(id(job))
     thread.join(timeout=10)
     assert not thread.is_alive() and passes == []
+
+
+# ------------------------------------------------------------------------------ doctor
+def test_doctor_names_the_watch_its_last_check_and_a_failed_notifier(monkeypatch):
+    from airflow_provider_o365mail.hooks import doctor
+
+    monkeypatch.setenv("AIRFLOW__O365MAIL__CREDENTIAL_WATCH", "False")
+    off = doctor._check_watch(secret_settings())
+    assert (off.status, off.link) == ("ok", "credential watch") and "off" in off.detail
+    monkeypatch.setenv("AIRFLOW__O365MAIL__CREDENTIAL_WATCH", "True")
+    monkeypatch.setenv("AIRFLOW__O365MAIL__CREDENTIAL_NOTIFIER", "my.Notifier")
+    state = cw.WatchState(
+        checked_at=NOW, checked_by="host-a:12", notified={"client secret|expiring|2027-01-20": "2027-01-15"}
+    )
+    monkeypatch.setattr(doctor, "watch_status", lambda conn_id: state)
+    ok = doctor._check_watch(secret_settings())
+    assert (
+        ok.status == "ok"
+        and "host-a:12" in ok.detail
+        and "client secret expiring 2027-01-20 on 2027-01-15" in ok.detail
+    )
+    state.notify_error = "2027-01-15: my.Notifier failed: ConnectionError"
+    failed = doctor._check_watch(secret_settings())
+    assert failed.status == "warn" and "ConnectionError" in failed.detail and "credential_notifier" in failed.fix
