@@ -128,6 +128,69 @@ def get_provider_info() -> dict:
                         "example": "5000",
                         "default": "9500",
                     },
+                    "credential_watch": {
+                        "description": "Run the credential watch in the scheduler and the triggerer: refresh tokens "
+                        "unused for credential_watch_keepalive_days are redeemed, and credentials that expire within "
+                        "credential_warning_days (or were revoked) are reported to credential_notifier, once per "
+                        "period across every host. See docs/token-store.md#credential-watch.",
+                        "version_added": "0.2.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    },
+                    "credential_watch_interval_seconds": {
+                        "description": "How often the credential watch checks each o365mail connection (once per "
+                        "period across all schedulers and triggerers).",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "21600",
+                        "default": "21600",
+                    },
+                    "credential_watch_first_check_seconds": {
+                        "description": "After a scheduler or triggerer starts, its first check of the credential "
+                        "watch waits between half of this and this (spreads the hosts; capped by the interval).",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "120",
+                        "default": "120",
+                    },
+                    "credential_watch_keepalive_days": {
+                        "description": "The credential watch redeems a stored refresh token unused for this many "
+                        "days (Microsoft expires it after 90), which starts a new 90-day window.",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "60",
+                        "default": "60",
+                    },
+                    "credential_warning_days": {
+                        "description": "Report a client secret (credential_expires_on), certificate or refresh token "
+                        "this many days before it expires: the credential notifier, the Microsoft 365 Mail page and "
+                        "'airflow o365mail doctor'.",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "14",
+                        "default": "14",
+                    },
+                    "credential_notifier": {
+                        "description": "Dotted path of an Airflow notifier class (a BaseNotifier, e.g. "
+                        "airflow_provider_o365mail.notifications.email.O365EmailNotifier or a Slack notifier) the "
+                        "credential watch calls with each warning, at most once per credential and day. Its context "
+                        "has subject, message, conn_id and o365mail_credential. Empty: warnings go to the logs, the "
+                        "page and doctor only.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "airflow_provider_o365mail.notifications.email.O365EmailNotifier",
+                        "default": "",
+                    },
+                    "credential_notifier_kwargs": {
+                        "description": "Keyword arguments of credential_notifier, as a JSON object; templated fields "
+                        "are rendered with the warning's context.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": '{"to": "ops@contoso.com", "subject": "{{ subject }}", "html_content": '
+                        '"{{ message }}"}',
+                        "default": "",
+                    },
                 },
             }
         },

@@ -14,9 +14,26 @@ REAUTHORIZE = (
     "page Microsoft 365 Mail."
 )
 REFRESH_KEEPALIVE = (
-    "Nothing uses this connection often enough: schedule 'airflow o365mail refresh {conn_id}' (or the example DAG "
-    f"example_o365mail_keepalive) at least every few weeks; see {DOCS_URL}/token-store.md#keep-alive."
+    "Nothing uses this connection often enough and the credential watch is off ([o365mail] credential_watch): turn "
+    "it on, or schedule 'airflow o365mail refresh {conn_id}' (or the example DAG example_o365mail_keepalive) at least "
+    f"every few weeks; see {DOCS_URL}/token-store.md#keep-alive."
 )
+REFRESH_WATCH_FAILED = (
+    "The credential watch redeems refresh tokens unused for {days} days, and did not renew this one: run "
+    "'airflow o365mail refresh {conn_id}' now, and see the 'credential watch' line of 'airflow o365mail doctor "
+    f"--conn-id {{conn_id}}' for why; see {DOCS_URL}/token-store.md#credential-watch."
+)
+SECRET_EXPIRY_FIELD = "Then set the connection's credential_expires_on to the new secret's expiry date."
+NEW_CERTIFICATE = (
+    "Create a new certificate, upload its public part to the app registration's Certificates & secrets > "
+    "Certificates, then update the connection's certificate and key."
+)
+SIGN_IN_FREQUENCY = (
+    "The sign-in frequency counts from the last interactive sign-in, so neither a keep-alive nor a DAG prevents this: "
+    "ask the admin to exclude this app (or the service account) from the sign-in frequency policy, or use an "
+    "app-only connection."
+)
+SIGN_IN_WITH_MFA = "Sign in with multi-factor authentication when the browser asks."
 NEVER_AUTHORIZED = (
     "Run 'airflow o365mail authorize --conn-id {conn_id}' or use the Authorize button on the Airflow UI page "
     "Microsoft 365 Mail."
@@ -54,7 +71,8 @@ FEDERATED_CREDENTIAL_MISMATCH = (
     "must equal the federated token's iss, sub and aud exactly (case-sensitive; audience api://AzureADTokenExchange)."
 )
 CONDITIONAL_ACCESS = (
-    "An administrator must allow the app in the Conditional Access policy named in the sign-in logs, then re-authorize."
+    "An administrator must allow the app in the Conditional Access policy named in the sign-in logs (Entra admin "
+    "center > Sign-in logs, the failure's Conditional Access tab). " + REAUTHORIZE
 )
 TOKEN_STORE_KEYS = (
     "Use the same [o365mail] token_cache_keys (or [core] fernet_key) on every Airflow component, or "

@@ -23,6 +23,9 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__FERNET_KEY"] = "sxgU9Vw5J1kPp0mUwNDg2B0xlJ0m4zM2f9YQ6u3qk1Q="
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(AIRFLOW_HOME / "dags")
 os.environ["O365MAIL_LOCK_DIR"] = str(AIRFLOW_HOME)
+# The credential watch would redeem the aged stores other tests build on purpose, from every scheduler
+# and triggerer a test starts; tests/integration/test_credential_watch.py turns it on for its own.
+os.environ["AIRFLOW__O365MAIL__CREDENTIAL_WATCH"] = "False"
 
 _captured: list[tuple[str, str]] = []
 

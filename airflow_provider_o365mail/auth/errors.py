@@ -16,7 +16,8 @@ AADSTS: dict[int, tuple[type[exc.AuthorizationError], str, str]] = {
     ),
     50173: (
         exc.GrantRevoked,
-        "the grant was revoked (sessions revoked by an admin, or the password was reset)",
+        "the grant was revoked and a fresh sign-in is needed (an admin revoked the user's sessions, the password "
+        "was reset in the Entra admin center, or the user revoked their own sessions)",
         REAUTHORIZE,
     ),
     70008: (exc.GrantRevoked, "the refresh token expired or was revoked", REAUTHORIZE),
@@ -27,12 +28,26 @@ AADSTS: dict[int, tuple[type[exc.AuthorizationError], str, str]] = {
     ),
     70043: (
         exc.InteractionRequired,
-        "a Conditional Access sign-in frequency policy requires a new sign-in",
-        REAUTHORIZE + " Or ask the admin to exclude this app from the sign-in frequency policy.",
+        "a Conditional Access sign-in frequency policy requires the user to sign in again (the grant's last "
+        "interactive sign-in is older than the policy allows; using the refresh token does not renew it)",
+        REAUTHORIZE + " " + hints.SIGN_IN_FREQUENCY,
     ),
-    50076: (exc.InteractionRequired, "multi-factor authentication is now required for this user", REAUTHORIZE),
-    50078: (exc.InteractionRequired, "the user's multi-factor authentication expired", REAUTHORIZE),
-    50079: (exc.InteractionRequired, "the user must register for multi-factor authentication", REAUTHORIZE),
+    50076: (
+        exc.InteractionRequired,
+        "Conditional Access (or per-user MFA) now requires multi-factor authentication, and the grant's sign-in "
+        "had none",
+        REAUTHORIZE + " " + hints.SIGN_IN_WITH_MFA,
+    ),
+    50078: (
+        exc.InteractionRequired,
+        "the user's multi-factor authentication expired under a Conditional Access policy",
+        REAUTHORIZE + " " + hints.SIGN_IN_WITH_MFA,
+    ),
+    50079: (
+        exc.InteractionRequired,
+        "the user must register for multi-factor authentication before a token is issued",
+        "Sign in once as the mailbox user at https://aka.ms/mfasetup and register a method. " + REAUTHORIZE,
+    ),
     53003: (
         exc.AccessBlocked,
         "Conditional Access policies block token issuance for this user or app",

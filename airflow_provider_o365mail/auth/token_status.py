@@ -4,7 +4,8 @@ Also the refresh token's health: Microsoft expires a refresh token that was not 
 (``MaxInactiveTime``; the refusal is AADSTS700082), and every use issues a new one with a new
 90-day window. The store records when a token response last came back
 (:attr:`.store.StoredCache.refresh_token_used_at`); :func:`keep_alive` redeems the refresh token
-on purpose, for connections a DAG uses rarely (``airflow o365mail refresh``).
+on purpose, for connections a DAG uses rarely: the credential watch does it from the scheduler and
+the triggerer (``hooks/credential_watch.py``), ``airflow o365mail refresh`` on demand.
 """
 
 from __future__ import annotations
@@ -28,6 +29,26 @@ REFRESH_TOKEN_MAX_INACTIVE_DAYS = 90
 #: ``token-status``, ``doctor`` and the UI warn this many days before an unused refresh token expires.
 REFRESH_TOKEN_WARNING_DAYS = 14
 DAY = 86400.0
+
+
+#: ``[o365mail] credential_watch_keepalive_days``: the credential watch redeems refresh tokens unused this long.
+DEFAULT_KEEPALIVE_DAYS = 60.0
+
+
+def watch_keepalive_days() -> float | None:
+    """How many days unused before the credential watch redeems a refresh token; None if the watch is off."""
+    from airflow_provider_o365mail.version_compat import conf
+
+    if not conf.getboolean("o365mail", "credential_watch", fallback=True):
+        return None
+    return conf.getfloat("o365mail", "credential_watch_keepalive_days", fallback=DEFAULT_KEEPALIVE_DAYS)
+
+
+def keepalive_fix(keepalive_after_days: float | None) -> str:
+    """What to do about a refresh token near its 90 days (a template with ``{conn_id}``)."""
+    if keepalive_after_days is None:
+        return hints.REFRESH_KEEPALIVE
+    return hints.REFRESH_WATCH_FAILED.replace("{days}", f"{keepalive_after_days:g}")
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -165,7 +186,7 @@ def describe_store(settings: O365MailSettings) -> dict[str, Any]:
         health = refresh_token_health(stored)
         status["refresh_token_health"] = health.state()
         if health.state() in ("warn", "expired"):
-            fix = hints.REFRESH_KEEPALIVE if health.state() == "warn" else hints.REAUTHORIZE
+            fix = keepalive_fix(watch_keepalive_days()) if health.state() == "warn" else hints.REAUTHORIZE
             if settings.public_client:
                 fix = hints.for_public_client(fix)
             status["refresh_token_warning"] = f"{health.sentence()}. {fix.format(conn_id=settings.conn_id)}"

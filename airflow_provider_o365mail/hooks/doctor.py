@@ -21,7 +21,12 @@ from airflow_provider_o365mail import hints
 from airflow_provider_o365mail.auth.credential import FederatedTokenFile, certificate_info
 from airflow_provider_o365mail.auth.crypto import StoreUndecryptable
 from airflow_provider_o365mail.auth.store import StoredCache, TokenStore
-from airflow_provider_o365mail.auth.token_status import REFRESH_TOKEN_WARNING_DAYS, refresh_token_health
+from airflow_provider_o365mail.auth.token_status import (
+    REFRESH_TOKEN_WARNING_DAYS,
+    keepalive_fix,
+    refresh_token_health,
+    watch_keepalive_days,
+)
 from airflow_provider_o365mail.connection import O365MailSettings, settings_from_connection
 from airflow_provider_o365mail.connection_defaults import (
     CREDENTIAL_CERTIFICATE,
@@ -34,6 +39,7 @@ from airflow_provider_o365mail.connection_defaults import (
     TRANSPORT_SMTP,
 )
 from airflow_provider_o365mail.graph.sender import mailbox_path
+from airflow_provider_o365mail.hooks.credential_watch import WatchConfig, WatchConfigError, watch_status
 from airflow_provider_o365mail.hooks.fallback import smtp_auth_disabled
 from airflow_provider_o365mail.runtime import load_connection
 from airflow_provider_o365mail.tls import IdentityProviderSession
@@ -224,6 +230,7 @@ def diagnose(conn_id: str) -> list[Check]:
     credential = _check_credential(settings)
     if credential is not None:
         checks.append(credential)
+    checks.append(_check_watch(settings))
     if endpoints.status == FAIL:
         return [*checks, *(Check(link, SKIP, "needs the identity provider") for link in ("token", *later))]
 
@@ -447,12 +454,64 @@ def _check_refresh_token(stored: StoredCache | None, conn_id: str, *, public_cli
             "refresh token",
             WARN,
             f"{detail}: inside {REFRESH_TOKEN_WARNING_DAYS} days (this check uses it once more)",
-            hints.REFRESH_KEEPALIVE.format(conn_id=conn_id),
+            keepalive_fix(watch_keepalive_days()).format(conn_id=conn_id),
         )
     if state == "expired":  # by the record; the token check below has Microsoft's word on it
         fix = hints.for_public_client(hints.REAUTHORIZE) if public_client else hints.REAUTHORIZE
         return Check("refresh token", WARN, detail, fix.format(conn_id=conn_id))
     return Check("refresh token", OK, detail)
+
+
+def _check_watch(s: O365MailSettings) -> Check:
+    """The credential watch for this connection: on or off, its last check, keep-alive and notification."""
+    try:
+        config = WatchConfig.configured()
+    except WatchConfigError as err:
+        return Check("credential watch", WARN, str(err), "Fix the [o365mail] option named.")
+    if not config.enabled:
+        return Check(
+            "credential watch",
+            OK,
+            "off ([o365mail] credential_watch = False): nothing keeps refresh tokens alive unless something uses "
+            "them or 'airflow o365mail refresh' is scheduled; the refresh token line warns "
+            f"{REFRESH_TOKEN_WARNING_DAYS} days before it expires",
+        )
+    try:
+        state = watch_status(s.conn_id)
+    except Exception as err:  # the Variable cannot be read here: the other checks say why
+        return Check("credential watch", WARN, f"its state cannot be read ({type(err).__name__})", "")
+    hours = config.interval / 3600
+    parts = [
+        f"on: the scheduler and triggerer check every {hours:g} h, redeem refresh tokens unused for "
+        f"{config.keepalive_after_days:g} days, report credentials {config.warning_days} days before they expire "
+        + (f"to {config.notifier}" if config.notifier else "(no credential_notifier: logs, this page and doctor)")
+    ]
+    if state.checked_at:
+        parts.append(f"last check {_stamp(state.checked_at)} by {state.checked_by or 'unknown'}")
+    else:
+        parts.append("no check recorded yet (a scheduler with this provider installed runs it within minutes)")
+    if state.kept_alive_at:
+        parts.append(f"last keep-alive {_stamp(state.kept_alive_at)}: {state.keep_alive}")
+    if state.notified:
+        parts.append(
+            "notified: " + ", ".join(f"{key.replace('|', ' ')} on {day}" for key, day in state.notified.items())
+        )
+    detail = "; ".join(parts)
+    if state.notify_error:
+        return Check(
+            "credential watch",
+            WARN,
+            f"{detail}; the notifier failed: {state.notify_error}",
+            "Check [o365mail] credential_notifier and credential_notifier_kwargs (the scheduler's log has the error).",
+        )
+    if state.keep_alive and not state.keep_alive.startswith(("ok", "skipped")):
+        fix = "" if state.keep_alive.startswith(("reauthorize", "broken")) else "The next check tries again."
+        return Check("credential watch", WARN, detail, fix)
+    return Check("credential watch", OK, detail)
+
+
+def _stamp(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _imap_check(hook: Any) -> str:

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from airflow_provider_o365mail import exceptions as exc
+from airflow_provider_o365mail.auth.expiry import EXPIRING, configured_warning_days, credential_warnings
 from airflow_provider_o365mail.auth.last_error import last_error_record
-from airflow_provider_o365mail.auth.store import LEGACY_STORE_PREFIX, STORE_PREFIX
-from airflow_provider_o365mail.auth.token_status import describe_store
+from airflow_provider_o365mail.auth.store import LEGACY_STORE_PREFIX, STORE_PREFIX, TokenStore
+from airflow_provider_o365mail.auth.token_status import describe_store, watch_keepalive_days
 from airflow_provider_o365mail.connection import CONN_TYPE, DEFAULT_CONN_ID, settings_from_connection
 from airflow_provider_o365mail.exceptions import O365MailError
 from airflow_provider_o365mail.hooks.doctor import scopes_needed
@@ -178,6 +179,7 @@ def connection_state(conn: Any, source: str = SOURCE_DB, *, now: dt.datetime | N
         "refresh_token_last_used": None,
         "refresh_token_expires_at": None,
         "refresh_token_expiry_estimated": False,
+        "credential_warnings": [],
         **_secret_expiry(None, now.date()),
     }
     try:
@@ -212,6 +214,7 @@ def connection_state(conn: Any, source: str = SOURCE_DB, *, now: dt.datetime | N
             "level": ERROR,
             "state_text": f"token store unreadable: {err}"[:300],
         }
+    row["credential_warnings"] = _warnings(settings, error, now)
     written = _parse_iso(status.get("store_written_at"))
     error_at = _parse_iso(row["last_error_at"])
     row["last_error_current"] = error_at is not None and (written is None or error_at >= written)
@@ -256,6 +259,23 @@ def connection_state(conn: Any, source: str = SOURCE_DB, *, now: dt.datetime | N
         text = f"needs consent: run airflow o365mail authorize --conn-id {conn.conn_id} --device-code"
         return {**row, "state": "needs-consent", "level": WARN, "state_text": text}
     return {**row, "state": "needs-consent", "level": WARN, "state_text": "needs consent: click Authorize"}
+
+
+def _warnings(settings: Any, error: dict | None, now: dt.datetime) -> list[dict[str, Any]]:
+    """The credential watch's warnings for this connection (what its notifier sends), without secrets."""
+    try:
+        stored = TokenStore(settings.conn_id).load()
+    except O365MailError:
+        stored = None
+    found = credential_warnings(
+        settings,
+        stored,
+        error,
+        warning_days=configured_warning_days(),
+        now=now.timestamp(),
+        keepalive_after_days=watch_keepalive_days(),
+    )
+    return [{**w.as_dict(), "level": WARN if w.state == EXPIRING else ERROR} for w in found]
 
 
 def all_states(found: Iterable[tuple[Any, str]]) -> list[dict[str, Any]]:

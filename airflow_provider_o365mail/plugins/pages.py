@@ -91,6 +91,10 @@ def row_view(c: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
         "secret_expires_on": c.get("secret_expires_on"),
         "secret_level": c.get("secret_level", "info"),
         "secret_relative": f"expired {-days} days ago" if days is not None and days < 0 else f"in {days} days",
+        "credential_warnings": [
+            {"level": w.get("level", "warn"), "text": w.get("message", ""), "credential": w.get("credential", "")}
+            for w in c.get("credential_warnings") or []
+        ],
         "last_error": c.get("last_error"),
         "last_error_current": bool(c.get("last_error_current")),
         "last_error_at": moment(c.get("last_error_at"), now),

@@ -75,7 +75,14 @@ def o365_admin(o365_sandbox):
         admin.set_app_roles(o365_sandbox.app_client_id, GRAPH, list(GRAPH_APP_ROLES))
     for upn in (o365_sandbox.user, o365_sandbox.second_user):
         admin.update_user(
-            upn, mfa_required=False, blocked_by_conditional_access=False, smtp_auth_enabled=True, imap_enabled=True
+            upn,
+            mfa_required=False,
+            mfa_max_age=0.0,
+            mfa_registration_required=False,
+            sign_in_frequency=0.0,
+            blocked_by_conditional_access=False,
+            smtp_auth_enabled=True,
+            imap_enabled=True,
         )
 
 

@@ -155,6 +155,7 @@ def test_the_page_inside_airflows_ui_states_check_authorize_light_and_dark(
             "connection",
             "scopes",
             "endpoints",
+            "credential watch",
             "token store",
             "refresh token",
             "token",

@@ -131,6 +131,7 @@ def test_doctor_healthy_and_token_status_and_forget(o365mail_conn, o365_sandbox)
         "connection",
         "scopes",
         "endpoints",
+        "credential watch",
         "token store",
         "refresh token",
         "token",

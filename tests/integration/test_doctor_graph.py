@@ -54,6 +54,7 @@ def test_doctor_graph_gets_a_graph_token_and_reads_without_logging_in_to_smtp(wi
         "connection",
         "scopes",
         "endpoints",
+        "credential watch",
         "token store",
         "refresh token",
         "token",

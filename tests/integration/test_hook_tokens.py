@@ -143,8 +143,34 @@ def test_reauthorized_connection_reseeds_the_store(o365mail_conn, o365_admin, o3
         (lambda a, s: a.expire_refresh_tokens(s.user), exc.RefreshTokenExpired, "AADSTS700082"),
         (lambda a, s: a.revoke_sessions(s.user), exc.GrantRevoked, "AADSTS50173"),
         (lambda a, s: a.update_user(s.user, mfa_required=True), exc.InteractionRequired, "AADSTS50076"),
+        # Conditional Access re-authentication: sign-in frequency (the consent's sign-in is an hour old, the
+        # policy allows 30 minutes), MFA that expired, MFA registration, and a policy that blocks the app.
+        (
+            lambda a, s: (a.update_user(s.user, sign_in_frequency=1800), a.update_settings(clock_offset=3600)),
+            exc.InteractionRequired,
+            "AADSTS70043",
+        ),
+        (
+            lambda a, s: (
+                a.update_user(s.user, mfa_required=True, mfa_required_since=0, mfa_max_age=1800),
+                a.update_settings(clock_offset=3600),
+            ),
+            exc.InteractionRequired,
+            "AADSTS50078",
+        ),
+        (lambda a, s: a.update_user(s.user, mfa_registration_required=True), exc.InteractionRequired, "AADSTS50079"),
+        (lambda a, s: a.update_user(s.user, blocked_by_conditional_access=True), exc.AccessBlocked, "AADSTS53003"),
     ],
-    ids=["consent-revoked", "refresh-token-expired", "sessions-revoked", "mfa-required"],
+    ids=[
+        "consent-revoked",
+        "refresh-token-expired",
+        "sessions-revoked",
+        "mfa-required",
+        "sign-in-frequency",
+        "mfa-expired",
+        "mfa-registration",
+        "ca-blocked",
+    ],
 )
 def test_permanent_failures_have_their_own_error(o365mail_conn, o365_admin, o365_sandbox, break_it, expected, words):
     break_it(o365_admin, o365_sandbox)

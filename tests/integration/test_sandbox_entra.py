@@ -215,6 +215,22 @@ CASES = {
     7000215: (_wrong_secret, "invalid_client"),
     50076: (_refresh_after(lambda s, a: a.update_user(s.user, mfa_required=True)), "invalid_grant"),
     53003: (_refresh_after(lambda s, a: a.update_user(s.user, blocked_by_conditional_access=True)), "invalid_grant"),
+    70043: (
+        _refresh_after(
+            lambda s, a: (a.update_user(s.user, sign_in_frequency=1800), a.update_settings(clock_offset=3600))
+        ),
+        "invalid_grant",
+    ),
+    50078: (
+        _refresh_after(
+            lambda s, a: (
+                a.update_user(s.user, mfa_required=True, mfa_required_since=0, mfa_max_age=1800),
+                a.update_settings(clock_offset=3600),
+            )
+        ),
+        "invalid_grant",
+    ),
+    50079: (_refresh_after(lambda s, a: a.update_user(s.user, mfa_registration_required=True)), "invalid_grant"),
     70000: (
         lambda s, a: token_post(s, grant_type="refresh_token", refresh_token="1.Agarbage", scope=DELEGATED_SCOPES),
         "invalid_grant",
@@ -243,8 +259,10 @@ def test_aadsts_errors_in_microsofts_shape(o365_sandbox, o365_admin, code):
         assert body[key]
     if code in (65001,):
         assert body["suberror"] == "consent_required"
-    if code in (700082, 50173):
+    if code in (700082, 50173, 70043):
         assert body["suberror"] == "bad_token"
+    if code in (50076, 50078, 50079):
+        assert body["suberror"] == "basic_action"
 
 
 def test_aadsts7000222_expired_secret(o365_sandbox, o365_admin):

@@ -148,3 +148,29 @@ def test_a_public_client_is_pointed_to_the_device_code_and_gets_no_authorize_but
     assert "id='authorize-o365mail_pub'" not in pages.row_cells(row, NOW)
     confidential = connection_state(conn("o365mail_conf"), now=NOW)
     assert "id='authorize-o365mail_conf'" in pages.row_cells(confidential, NOW)
+
+
+def test_the_credential_watchs_warnings_show_under_the_state_without_secrets(evidence, monkeypatch):
+    class EmptyStore:
+        def __init__(self, conn_id: str) -> None:
+            pass
+
+        def load(self):
+            return None
+
+    monkeypatch.setattr(connection_states, "TokenStore", EmptyStore)
+    expires = (NOW + dt.timedelta(days=5)).date().isoformat()
+    row = connection_state(conn(credential_expires_on=expires), now=NOW)
+    (warning,) = row["credential_warnings"]
+    assert (warning["credential"], warning["state"], warning["level"]) == ("client secret", "expiring", "warn")
+    html = pages.row_cells(row, NOW)
+    assert "data-field='credential-warnings'" in html and f"expires on {expires}" in html
+    assert "Certificates &amp; secrets" in html
+
+    evidence["error"] = error_at(NOW - dt.timedelta(minutes=5))
+    row = connection_state(conn(credential_expires_on=expires), now=NOW)
+    revoked = [w for w in row["credential_warnings"] if w["credential"] == "refresh token"]
+    assert revoked and revoked[0]["state"] == "revoked" and revoked[0]["level"] == "error"
+    assert "airflow o365mail authorize --conn-id o365mail_x" in revoked[0]["fix"]
+    html = pages.row_cells(row, NOW)
+    assert SECRET not in html and REFRESH not in html and SECRET not in json.dumps(row)

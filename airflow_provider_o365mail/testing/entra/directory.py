@@ -81,6 +81,13 @@ class User:
     #: When MFA became required; grants whose last interactive sign-in is older must sign in again.
     mfa_required_since: float = 0.0
     blocked_by_conditional_access: bool = False
+    #: Conditional Access sign-in frequency (seconds; 0: none): a refresh whose grant's last interactive
+    #: sign-in is older is refused with AADSTS70043, whatever the refresh token's own age.
+    sign_in_frequency: float = 0.0
+    #: With ``mfa_required``: an MFA sign-in older than this (seconds; 0: never) has expired (AADSTS50078).
+    mfa_max_age: float = 0.0
+    #: The user must register for MFA before any token is issued (AADSTS50079).
+    mfa_registration_required: bool = False
     smtp_auth_enabled: bool = True
     imap_enabled: bool = True
     #: Refresh tokens (and, Exchange being CAE-aware, access tokens) issued before this are dead.
@@ -802,8 +809,15 @@ class Directory:
                     "the whole grant is revoked.",
                 )
             self._redeemed_refresh_tokens.add(payload["j"])
+        if user.mfa_registration_required:
+            raise errors.mfa_registration_required()
         if user.mfa_required and grant.mfa_at < user.mfa_required_since:
             raise errors.mfa_required()
+        if user.mfa_required and user.mfa_max_age and now - grant.mfa_at > user.mfa_max_age:
+            raise errors.mfa_expired()
+        if user.sign_in_frequency and now - grant.mfa_at > user.sign_in_frequency:
+            stamp = time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime(grant.mfa_at))
+            raise errors.sign_in_frequency(stamp, int(user.sign_in_frequency))
         # Without scope: the scopes the refresh token was issued for (tokens sealed before that was
         # recorded: the grant's permissions on Exchange).
         scope = form.get("scope") or payload.get("s") or self._granted_scope(grant)

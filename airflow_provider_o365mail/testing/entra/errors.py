@@ -128,6 +128,40 @@ def mfa_required() -> AadstsError:
     )
 
 
+def mfa_expired() -> AadstsError:
+    """AADSTS50078 UserStrongAuthExpired (the reference's text)."""
+    return AadstsError(
+        "invalid_grant",
+        50078,
+        "Presented multi-factor authentication has expired due to policies configured by your administrator, you "
+        "must refresh your multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+        suberror="basic_action",
+    )
+
+
+def mfa_registration_required() -> AadstsError:
+    """AADSTS50079 UserStrongAuthEnrollmentRequired (the reference's text)."""
+    return AadstsError(
+        "invalid_grant",
+        50079,
+        "Due to a configuration change made by your administrator, or because you moved to a new location, you must "
+        "enroll in multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+        suberror="basic_action",
+    )
+
+
+def sign_in_frequency(issued: str, max_age_seconds: int) -> AadstsError:
+    """AADSTS70043 BadTokenDueToInteractionRequired: a Conditional Access sign-in frequency policy (the
+    reference's text; the wording real responses carry, email-oauth2-proxy#181)."""
+    return AadstsError(
+        "invalid_grant",
+        70043,
+        "The refresh token has expired or is invalid due to sign-in frequency checks by conditional access. The token "
+        f"was issued on {issued} and the maximum allowed lifetime for this request is {max_age_seconds}.",
+        suberror="bad_token",
+    )
+
+
 def conditional_access_blocked() -> AadstsError:
     return AadstsError(
         "invalid_grant",
