@@ -239,3 +239,36 @@ def test_watch_moved_from_graph_to_imap_does_not_repeat(graph_conn, o365_sandbox
     append_messages(sbx, sbx.user, folder, [raw(f"{tag} later")])
     assert subjects(sensor(conn_id, transport="imap", **kwargs).poke({})) == [f"{tag} later"]
     assert sensor(conn_id, transport="imap", **kwargs).poke({}) is False
+
+
+def test_app_only_and_shared_mailbox_read_through_the_users_path(graph_conn, o365_sandbox, o365_admin, monkeypatch):
+    import json
+
+    sbx = o365_sandbox
+    tag = unique("graph users path")
+    # A shared mailbox the signed-in user may read: users/{shared}/..., delegated.
+    shared_folder = f"GraphShared-{uuid.uuid4().hex[:6]}"
+    recreate_folder(sbx, sbx.shared_mailbox, shared_folder)
+    append_messages(sbx, sbx.shared_mailbox, shared_folder, [raw(f"{tag} shared")])
+    o365_admin.graph_mailbox(sbx.shared_mailbox, full_access=[sbx.user])
+    conn_id = graph_conn(graph_permissions="Mail.Send Mail.ReadWrite Mail.ReadWrite.Shared")
+    found = sensor(conn_id, folders=shared_folder, subject=tag, mailbox=sbx.shared_mailbox).poke({})
+    assert subjects(found) == [f"{tag} shared"]
+    # App-only (client credentials): users/{mailbox}/... with Graph's application permissions.
+    extra = sbx.connection_extra(
+        grant_type="client_credentials",
+        scopes="https://outlook.office365.com/.default",
+        transport="graph",
+        graph_url=sbx.graph_url,
+    )
+    del extra["refresh_token"]
+    app_conn = f"o365mail_{uuid.uuid4().hex[:10]}"
+    body = {"conn_type": "o365mail", "login": sbx.app_client_id, "password": sbx.app_client_secret, "extra": extra}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{app_conn.upper()}", json.dumps(body))
+    user_folder = f"GraphApp-{uuid.uuid4().hex[:6]}"
+    recreate_folder(sbx, sbx.user, user_folder)
+    append_messages(sbx, sbx.user, user_folder, [raw(f"{tag} app")])
+    kwargs = {"folders": user_folder, "subject": tag, "new_only": True, "watermark_id": f"app-{user_folder}"}
+    assert subjects(sensor(app_conn, post_action="seen", **kwargs).poke({})) == [f"{tag} app"]
+    assert imap_state(sbx, user_folder, tag) == {f"{tag} app": {b"\\Seen"}}
+    assert sensor(app_conn, **kwargs).poke({}) is False
