@@ -3,9 +3,17 @@
 It imports the provider once, then reads one JSON command per line from stdin: run one try (or
 ``phase`` of a try: ``poke``, ``resume`` from the trigger, or ``full``: poke, then the trigger if
 nothing was found) of the sensor for ``run_id`` and SIGKILL that try at its ``kill_at``-th boundary (a call into the watermark
-store, the IMAP check, the post-action, or the XCom write; counted across tries in ``counter``).
+store, the check, the post-action, or the XCom write; counted across tries in ``counter``).
 The parent test decides task states like Airflow does (``states`` file: success only after a clean
 exit with the XCom written) and reads them back through the fake task instance.
+
+Optional keys (the Graph kill test, ``test_graph_sensor_kills.py``): ``transport`` (the sensor's; with
+``graph`` every Graph request is a boundary too, before and after, so kills land between the pages
+of a delta round and between the post-action's requests), ``page_size`` (Graph messages per page),
+``pokes`` (pokes in this process before giving up, ``poke_interval`` apart: poke mode), ``trace``
+(a file that gets each boundary's number and name), and ``at_kill`` (``{"sandbox": SandboxInfo
+fields, "folder", "message"}``: APPENDed over IMAP just before the SIGKILL: mail arriving at the
+moment of the kill).
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from airflow_provider_o365mail.core.watermark import VariableWatermarkStore
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
@@ -27,28 +38,56 @@ RESULT = "@@result "
 
 
 class Boundaries:
-    def __init__(self, counter: Path, kill_at: int) -> None:
+    def __init__(
+        self, counter: Path, kill_at: int, trace: Path | None = None, at_kill: Callable[[], None] | None = None
+    ) -> None:
         self.counter = counter
         self.kill_at = kill_at
+        self.trace = trace
+        self.at_kill = at_kill
 
     def cross(self, name: str) -> None:
         n = int(self.counter.read_text() or 0) + 1 if self.counter.exists() else 1
         self.counter.write_text(str(n))
+        if self.trace is not None:
+            with self.trace.open("a") as trace:
+                trace.write(f"{n}\t{name}\n")
         if n == self.kill_at:
+            if self.at_kill is not None:
+                self.at_kill()
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def wrap(self, owner: type, name: str) -> None:
+    def wrap(self, owner: type, name: str, label: Callable[..., str] | None = None) -> None:
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def crossing(*args, **kwargs):
-            self.cross(f"before {name}")
+            what = label(*args, **kwargs) if label is not None else name
+            self.cross(f"before {what}")
             result = original(*args, **kwargs)
-            self.cross(f"after {name}")
+            self.cross(f"after {what}")
             return result
 
         setattr(owner, name, crossing)
+
+
+def graph_request_label(_client: Any, method: str, *_args: Any, doing: str = "?", **_kwargs: Any) -> str:
+    """``graph GET reading the folder's changes (delta)``: a Graph request as a boundary's name."""
+    return f"graph {method} {doing}"
+
+
+def deliver_at_kill(spec: dict) -> Callable[[], None]:
+    """APPEND ``spec["message"]`` to ``spec["folder"]`` over IMAP (mail arriving at the kill)."""
+
+    def deliver() -> None:
+        from airflow_provider_o365mail.testing.mailbox import append_messages
+        from airflow_provider_o365mail.testing.sandbox import SandboxInfo
+
+        info = SandboxInfo(**{**spec["sandbox"], "state_dir": Path(spec["sandbox"]["state_dir"])})
+        append_messages(info, info.user, spec["folder"], [spec["message"].encode()])
+
+    return deliver
 
 
 class FakeTI:
@@ -66,24 +105,45 @@ def one_try(command: dict) -> None:
 
     if settings.engine is not None:  # never share the parent's pooled DB connections
         settings.engine.dispose(close=False)
-    boundaries = Boundaries(Path(command["counter"]), int(command["kill_at"]))
+    boundaries = Boundaries(
+        Path(command["counter"]),
+        int(command["kill_at"]),
+        Path(command["trace"]) if command.get("trace") else None,
+        deliver_at_kill(command["at_kill"]) if command.get("at_kill") else None,
+    )
     boundaries.wrap(VariableWatermarkStore, "save_state")
     boundaries.wrap(O365MailHook, "check_mail")
     boundaries.wrap(O365MailHook, "apply_post_action")
+    transport = command.get("transport")
+    if transport == "graph":
+        from airflow_provider_o365mail.graph import watch as graph_watch
+        from airflow_provider_o365mail.graph.client import GraphClient
+
+        boundaries.wrap(GraphClient, "request", graph_request_label)
+        if command.get("page_size"):
+            graph_watch.PAGE_SIZE = int(command["page_size"])
     sensor = O365ImapSensor(
         task_id="wait",
         conn_id=command["conn_id"],
         folders=command["folder"],
         new_only=True,
         post_action=command["post_action"],
+        move_to=command.get("move_to"),
+        max_messages=int(command.get("max_messages") or 100),
         watermark_id=command["watermark_id"],
+        **({"transport": transport} if transport else {}),
     )
     ti = FakeTI("kill_dag", command["run_id"], "wait", Path(command["states"]))
     context = {"ti": ti}
     messages = None
     if command["phase"] in ("poke", "full"):  # execute()'s first poke (every try starts with it)
-        found = sensor.poke(context)
-        messages = found.xcom_value if found else None
+        for poke in range(int(command.get("pokes") or 1)):  # poke mode: the try pokes until it finds mail
+            if poke:
+                time.sleep(float(command.get("poke_interval") or 0.2))
+            found = sensor.poke(context)
+            messages = found.xcom_value if found else None
+            if messages:
+                break
     deferrable = command["mode"] == "deferrable"
     if messages is None and (command["phase"] == "resume" or (command["phase"] == "full" and deferrable)):
         messages = resumed_from_trigger(sensor, context)
@@ -103,7 +163,12 @@ def resumed_from_trigger(sensor: O365ImapSensor, context: dict) -> list | None:
 
     spec = sensor.watch_spec()
     trigger = O365ImapTrigger(
-        conn_id=sensor.conn_id, spec=spec.to_dict(), watermark_key=sensor.watermark_key(), max_idle=30
+        conn_id=sensor.conn_id,
+        spec=spec.to_dict(),
+        watermark_key=sensor.watermark_key(),
+        max_idle=30,
+        poll_interval=1,
+        **({"transport": sensor.transport} if sensor.transport else {}),
     )
 
     async def fired():
@@ -127,6 +192,10 @@ def warm_up() -> None:
     import airflow.models.connection
     import airflow.models.variable
 
+    import airflow_provider_o365mail.graph.client
+    import airflow_provider_o365mail.graph.watch
+    import airflow_provider_o365mail.testing.mailbox
+    import airflow_provider_o365mail.testing.sandbox
     import airflow_provider_o365mail.triggers.imap  # noqa: F401
 
 
