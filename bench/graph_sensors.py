@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--env-file", required=True)
     parser.add_argument("--sizes", default="1,100,1000")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds first")
     parser.add_argument("--wait-seconds", type=float, default=120.0, help="waiting before the delivery")
     parser.add_argument("--poll-interval", type=float, default=60.0, help="the sensors' poll_interval")
     parser.add_argument("--fire-timeout", type=float, default=180.0)
@@ -204,8 +205,11 @@ def main() -> None:
 
         return run
 
-    print(f"timed runs: {args.repeat} per variant after a warm-up, interleaved in shuffled order", flush=True)
-    run_interleaved({name: sample(name) for name in variants}, args.repeat, self_timed=True)
+    print(
+        f"timed runs: {args.repeat} per variant after {args.warmup} warm-up(s), interleaved in shuffled order",
+        flush=True,
+    )
+    run_interleaved({name: sample(name) for name in variants}, args.repeat, warmup=args.warmup, self_timed=True)
     for name in variants:
         runs[name] = runs[name][-args.repeat :]
 
