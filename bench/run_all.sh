@@ -62,6 +62,7 @@ run smtp_batch.py --messages 40 --repeat 5 --warmup-messages 10 --kill-messages 
 run imap_poke.py --sizes 1000,10000,100000 --official-max 10000 --repeat 15 --latency-samples 5 --attachment-mb 50
 run imap_events.py --samples 15 --burst 1000 --watchers 1,10,100
 run imap_scale.py --sizes 1,10,100,1000 --repeat 3 --same-spec-size 1000
+run graph_sensors.py --sizes 1,100,1000 --repeat 2 --wait-seconds 120
 run graph_send.py --messages 40 --repeat 5 --warmup-messages 5 --attachment-mb 50,100 \
     --anchor-venv "${ANCHOR_VENV:-${TMPDIR:-/tmp}/o365mail-bench-anchor-venv}"
 

@@ -1,7 +1,9 @@
 """HTTPS requests to Microsoft Graph with the connection's token, inside Outlook's limits.
 
 - Each request holds a slot of the mailbox's budget (Outlook allows 4 concurrent requests per app
-  and mailbox) for its duration.
+  and mailbox) for its duration, and each attempt first takes its turn from the mailbox's
+  :class:`RequestPacer` (Outlook allows 10,000 requests per 10 minutes per app and mailbox): one
+  pacer per mailbox and process, shared by sending, sensors and the triggers' delta polls.
 - 429 (``ApplicationThrottled``), 500, 502, 503 and 504 are waited out (``Retry-After`` honoured, up
   to :attr:`Backoff.max_retry_after`) and retried a bounded number of times; so are connections that
   could not be opened.
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -40,6 +45,100 @@ GRAPH_RETRY = Backoff(first=2.0, maximum=60.0, attempts=6, jitter=(0.75, 1.0), m
 GraphTokenSource = Callable[[bool], "ExpiringToken"]
 
 
+#: Outlook's request window (10 minutes) and the default number of requests this process lets out in
+#: one (well under Outlook's 10,000: other processes and apps may use the mailbox too).
+PACING_WINDOW_SECONDS = 600.0
+DEFAULT_REQUESTS_PER_WINDOW = 8000
+
+
+class RequestPacer:
+    """At most ``limit`` requests start in any ``window`` seconds (a sliding window; thread-safe).
+
+    :meth:`wait_turn` blocks until a request may start and counts it. A caller never waits longer
+    than ``window`` for one turn.
+
+    :param clock: monotonic seconds; ``sleep``: blocking waits (tests pass a fake clock for both).
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float = PACING_WINDOW_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError(f"a pacer needs limit >= 1 and window > 0, not {limit} and {window}")
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._started: deque[float] = deque()
+        self.granted = 0
+        self.waited = 0.0
+
+    def _try(self) -> float:
+        """Take a turn now (0.0) or say how long until one frees up."""
+        with self._lock:
+            now = self._clock()
+            while self._started and self._started[0] <= now - self.window:
+                self._started.popleft()
+            if len(self._started) < self.limit:
+                self._started.append(now)
+                self.granted += 1
+                return 0.0
+            return max(self._started[0] + self.window - now, 0.001)
+
+    def wait_turn(self) -> float:
+        """Block until a request may start; the seconds waited."""
+        waited = 0.0
+        while (delay := self._try()) > 0:
+            if waited == 0.0:
+                log.info(
+                    "Pacing Microsoft Graph requests: %d started in the last %.0f s; waiting %.1f s.",
+                    self.limit,
+                    self.window,
+                    delay,
+                )
+            self._sleep(delay)
+            waited += delay
+        with self._lock:
+            self.waited += waited
+        return waited
+
+    def in_window(self) -> int:
+        """Requests started in the current window."""
+        with self._lock:
+            now = self._clock()
+            return sum(1 for t in self._started if t > now - self.window)
+
+
+_PACERS: dict[Hashable, RequestPacer] = {}
+_PACERS_LOCK = threading.Lock()
+
+
+def request_pacer(key: Hashable, limit: int, window: float = PACING_WINDOW_SECONDS) -> RequestPacer:
+    """The process-wide pacer of ``key`` (connection and mailbox); a changed ``limit`` starts a new one."""
+    with _PACERS_LOCK:
+        pacer = _PACERS.get(key)
+        if pacer is None or pacer.limit != limit or pacer.window != window:
+            pacer = _PACERS[key] = RequestPacer(limit, window)
+        return pacer
+
+
+def _after_fork_in_child() -> None:
+    # A forked task process starts with its own count (its parent's requests are the parent's).
+    global _PACERS_LOCK
+    _PACERS_LOCK = threading.Lock()
+    _PACERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class NoAnswer(Exception):
     """A request that must not be repeated blindly went out and its outcome is unknown."""
 
@@ -54,6 +153,7 @@ class GraphClient:
     :param token: Graph access tokens (``token(force_refresh)``).
     :param session: a ``requests.Session`` that verifies TLS (and knows the proxy); closed by :meth:`close`.
     :param slot: held around each request (the mailbox's concurrency budget); ``None``: no budget.
+    :param pacer: each attempt waits its turn (inside the slot); ``None``: no pacing.
     :param conn_id: named in errors' fixes; ``mailbox``: named in errors.
     """
 
@@ -69,6 +169,7 @@ class GraphClient:
         retry: Backoff = GRAPH_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         slot: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        pacer: RequestPacer | None = None,
     ) -> None:
         if retry.attempts is None:
             raise ValueError("the Graph retry policy needs a bounded number of attempts")
@@ -81,6 +182,7 @@ class GraphClient:
         self.retry = retry
         self._sleep = sleep
         self._slot = slot
+        self._pacer = pacer
         self.requests_made = 0
 
     def __repr__(self) -> str:
@@ -176,6 +278,8 @@ class GraphClient:
             # The token first, outside the slot: a refresh can take a while.
             sent_headers["Authorization"] = f"Bearer {self._token(force_refresh).token}"
         with self._slot() if self._slot is not None else contextlib.nullcontext():
+            if self._pacer is not None:
+                self._pacer.wait_turn()  # Outlook counts every request, retries too
             self.requests_made += 1
             try:
                 response = self._session.request(
@@ -214,4 +318,13 @@ def _never_sent(err: BaseException) -> bool:
     return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
 
 
-__all__ = ["GRAPH_RETRY", "GraphClient", "GraphTokenSource", "NoAnswer"]
+__all__ = [
+    "DEFAULT_REQUESTS_PER_WINDOW",
+    "GRAPH_RETRY",
+    "PACING_WINDOW_SECONDS",
+    "GraphClient",
+    "GraphTokenSource",
+    "NoAnswer",
+    "RequestPacer",
+    "request_pacer",
+]

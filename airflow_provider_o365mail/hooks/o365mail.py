@@ -54,7 +54,14 @@ from airflow_provider_o365mail.exceptions import (
 )
 from airflow_provider_o365mail.graph import watch as graph_watch
 from airflow_provider_o365mail.graph.attachments import GraphAttachmentReader
-from airflow_provider_o365mail.graph.client import GRAPH_RETRY, GraphClient
+from airflow_provider_o365mail.graph.client import (
+    DEFAULT_REQUESTS_PER_WINDOW,
+    GRAPH_RETRY,
+    GraphClient,
+    RequestPacer,
+    request_pacer,
+)
+from airflow_provider_o365mail.graph.hub import GraphFolderWatch, graph_hub
 from airflow_provider_o365mail.graph.sender import SEND_RETRY as GRAPH_SEND_RETRY
 from airflow_provider_o365mail.graph.sender import GraphSender, mailbox_path, sent_items_count
 from airflow_provider_o365mail.hooks import connection_form
@@ -83,6 +90,8 @@ DEFAULT_SMTP_SESSIONS = 3
 #: Outlook allows 4 concurrent Graph requests per app and mailbox.
 GRAPH_BUDGET_OPTION = "max_graph_requests_per_mailbox"
 DEFAULT_GRAPH_REQUESTS = 4
+#: Outlook allows 10,000 Graph requests per 10 minutes per app and mailbox; this process paces itself to this many.
+GRAPH_PACING_OPTION = "max_graph_requests_per_10_minutes"
 #: Graph permissions that can read Sent Items (for the lookup after an ambiguous outcome).
 GRAPH_READ_PERMISSIONS = frozenset({"mail.readbasic", "mail.read", "mail.readwrite"})
 
@@ -367,11 +376,22 @@ class O365MailHook(BaseHook):
         mailbox: str | None = None,
         poll_interval: float = 60.0,
         max_idle: float = MAX_IDLE_SECONDS,
-    ) -> FolderWatch:
-        """Join this process's shared IDLE watch of ``folders`` (one IDLE connection per folder and mailbox).
+        transport: str = "imap",
+    ) -> FolderWatch | GraphFolderWatch:
+        """Join this process's shared watch of ``folders``: one IDLE connection per folder and mailbox, or with
+        ``transport="graph"`` one delta-poll loop per folder and mailbox (:mod:`.graph.hub`).
 
-        Call it on the event loop; it reads nothing (the connection is loaded in a thread by the IDLE task).
+        Call it on the event loop; it reads nothing (the connection is loaded in a thread by the watch's task).
         """
+        if transport == "graph":
+            return GraphFolderWatch.join(
+                graph_hub(),
+                ("graph", *self._mailbox_key(mailbox)),
+                folders,
+                lambda: self.graph_mailbox(mailbox),
+                poll_interval=poll_interval,
+                max_idle=max_idle,
+            )
         return FolderWatch.join(
             idle_hub(),
             self._mailbox_key(mailbox),
@@ -641,14 +661,23 @@ class O365MailHook(BaseHook):
             advice="Outlook allows 4 concurrent requests per app and mailbox; more are refused with 429.",
         )
 
+    def graph_pacer(self, mailbox: str | None = None) -> RequestPacer:
+        """This process's pacing of Graph requests to the mailbox ([o365mail] max_graph_requests_per_10_minutes,
+        default 8,000: Outlook allows 10,000 per app and mailbox)."""
+        return request_pacer(
+            ("graph", *self._mailbox_key(mailbox)), configured_budget(GRAPH_PACING_OPTION, DEFAULT_REQUESTS_PER_WINDOW)
+        )
+
     def graph_client(self, mailbox: str | None = None, **options: Any) -> GraphClient:
         """A :class:`GraphClient` for ``{graph_url}/v1.0`` with this connection's Graph tokens and proxy.
 
-        :param options: ``retry``, ``sleep``, ``slot`` (default: a slot of :meth:`graph_budget` per request).
+        :param options: ``retry``, ``sleep``, ``slot`` (default: a slot of :meth:`graph_budget` per request),
+            ``pacer`` (default: :meth:`graph_pacer`).
         """
         s = self.settings
         _, address = self._graph_mailbox(mailbox)
         options.setdefault("slot", self.graph_budget(mailbox).slot)
+        options.setdefault("pacer", self.graph_pacer(mailbox))
         return GraphClient(
             f"{s.graph_url}/v1.0",
             lambda force_refresh: self.graph_access_token(force_refresh=force_refresh),
