@@ -152,7 +152,13 @@ def test_graph_watcher_triggerer_killed_mid_burst_loses_and_repeats_nothing(
     wait_until(lambda: stream_started(event_airflow, conn_id, folder), 120, "the watcher's Graph stream")
     total = 200
     mails = [raw(f"Burst {tag} {i}") for i in range(total)]
-    append_messages(sbx, sbx.user, folder, [data for _, data in mails])
+    # Staged elsewhere and moved in at once: one delta round of 200, whose link advances only once all 200
+    # are handled, so a restart re-reads what was handled before the kill (handled ids and the listener's
+    # record must keep it from being reported again).
+    append_messages(sbx, sbx.user, f"{folder}/staging", [data for _, data in mails])
+    with imap_session(sbx, sbx.user) as client:
+        client.select_folder(f"{folder}/staging")
+        client.move(client.search(["ALL"]), folder)
     wait_until(lambda: len(asset_events(f"gevents_{tag}")) >= 10, 120, "the first events")
     event_airflow.kill("triggerer")  # SIGKILL, mid-burst
     persisted_at_kill = len(asset_events(f"gevents_{tag}"))

@@ -269,3 +269,26 @@ def test_emitted_id_has_a_graph_form_per_folder_and_keeps_the_imap_one():
     assert emitted_id({**graph, "graph_id": "AAMkAGy"}) != emitted_id(graph), "same Message-ID, another message"
     assert emitted_id({"folder": "INBOX", "uidvalidity": 3, "uid": 7}) == "INBOX|3|7"
     assert emitted_id({"folder": "INBOX", "graph_id": None, "uid": None}) is None
+
+
+# ---------------------------------------------------------------------- the trigger's transport
+def test_the_transport_picks_the_producer_and_old_watchers_keep_their_serialized_form():
+    from airflow_provider_o365mail.exceptions import ConnectionConfigError
+    from airflow_provider_o365mail.triggers.graph_events import GraphStreamProducer
+    from airflow_provider_o365mail.triggers.imap_events import (
+        ImapStreamProducer,
+        MailStreamProducer,
+        O365ImapEventTrigger,
+    )
+
+    _, legacy = O365ImapEventTrigger(conn_id="c", subject="x").serialize()
+    assert "transport" not in legacy, "a watcher written before `transport` serializes as before"
+    _, graph = O365ImapEventTrigger(conn_id="c", subject="x", transport="Graph").serialize()
+    assert graph["transport"] == "graph"
+    make = O365ImapEventTrigger.create_shared_stream_producer
+    assert isinstance(make(graph), GraphStreamProducer)
+    assert isinstance(make({**graph, "transport": "imap"}), ImapStreamProducer)
+    assert isinstance(make(legacy), MailStreamProducer), "the connection's transport, read when the stream opens"
+    assert O365ImapEventTrigger(**graph).shared_stream_key() != O365ImapEventTrigger(**legacy).shared_stream_key()
+    with pytest.raises(ConnectionConfigError, match="transport must be one of imap, graph, auto"):
+        O365ImapEventTrigger(conn_id="c", transport="pop3")
