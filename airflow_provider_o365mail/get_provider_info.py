@@ -56,6 +56,9 @@ def get_provider_info() -> dict:
         ],
         "plugins": [{"name": "o365mail", "plugin-class": "airflow_provider_o365mail.plugins.o365mail.O365MailPlugin"}],
         "cli": ["airflow_provider_o365mail.cli.definition.get_o365mail_cli_commands"],
+        # MessageQueueTrigger(scheme="o365mail") with apache-airflow-providers-common-messaging installed (extra
+        # common-messaging); without it Airflow skips the entry (its import names the missing provider).
+        "queues": ["airflow_provider_o365mail.queues.o365mail.O365MailMessageQueueProvider"],
         "notifications": ["airflow_provider_o365mail.notifications.email.O365EmailNotifier"],
         "email-backends": ["airflow_provider_o365mail.utils.email.send_email"],
         "connection-types": [

@@ -1,10 +1,12 @@
 """O365ImapEventTrigger: schedule DAGs on inbound mail (``AssetWatcher``), Airflow >= 3.3.
 
-Every watcher on the same connection, mailbox, folder and post-action shares ONE IMAP stream
+Every watcher on the same connection, mailbox, folder, post-action and transport shares ONE stream
 through Airflow 3.3's shared streams; each watcher filters the new messages with its own criteria
 and turns each match into one asset event whose payload is the message summary (the sensor's XCom
-shape). The stream waits on the triggerer's shared IDLE watch of the folder (:mod:`.imap.hub`), the
-one deferred sensors use too: one IDLE connection per connection, mailbox and folder.
+shape). Over IMAP the stream waits on the triggerer's shared IDLE watch of the folder
+(:mod:`.imap.hub`), the one deferred sensors use too: one IDLE connection per connection, mailbox
+and folder. Over Microsoft Graph (``transport="graph"``) it reads the folder's delta
+(:mod:`.graph_events`).
 
 Ack mode: the post-action and the stream position (UIDVALIDITY + last UID + recent Message-IDs,
 kept in every watcher's asset state store) advance only in the producer's ``advance``, i.e. after
@@ -20,7 +22,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Hashable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
@@ -30,8 +31,11 @@ from airflow_provider_o365mail.core.criteria import POST_ACTIONS, CriteriaError,
 from airflow_provider_o365mail.core.watch_spec import CheckResult, WatchSpec
 from airflow_provider_o365mail.core.watermark import FolderWatermark
 from airflow_provider_o365mail.event_state import EMITTED_KEY, SOURCE_MARKER, emitted_id
-from airflow_provider_o365mail.exceptions import O365MailError
-from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS
+from airflow_provider_o365mail.exceptions import ConnectionConfigError, O365MailError
+from airflow_provider_o365mail.imap.idle import MAX_IDLE_SECONDS, PERMANENT_ERRORS, RECONNECT
+from airflow_provider_o365mail.imap.stream import PARKED
+from airflow_provider_o365mail.triggers import mail_stream
+from airflow_provider_o365mail.triggers.mail_stream import Resolved as _Resolved
 
 try:  # Airflow >= 3.3
     from airflow.triggers.shared_stream import AdvanceItem, SharedStreamProducer
@@ -67,39 +71,14 @@ def require_shared_streams() -> None:
         )
 
 
-@dataclass
-class _Group:
-    """What the watchers of one stream share in this triggerer process."""
+#: The transports a stream reads with (``auto``: IMAP, Graph once Exchange refuses the IMAP login).
+STREAM_TRANSPORTS = ("imap", "graph", "auto")
 
-    stores: dict[int, Any] = field(default_factory=dict)  # id(trigger) -> its asset state store accessors
-    matched: set[tuple[int, int]] = field(default_factory=set)  # (uidvalidity, uid) some watcher reported
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-_GROUPS: dict[Hashable, _Group] = {}
-
-
-def _group(key: Hashable) -> _Group:
-    return _GROUPS.setdefault(key, _Group())
-
-
-def _stream_key(kwargs: dict[str, Any]) -> tuple[str, ...]:
-    return (
-        "o365mail-imap",
-        str(kwargs.get("conn_id") or DEFAULT_CONN_ID),
-        str(kwargs.get("mailbox") or ""),
-        str(kwargs.get("folder") or "INBOX"),
-        str(kwargs.get("post_action") or ""),
-        str(kwargs.get("move_to") or ""),
-    )
-
-
-def _accessors(store: Any) -> list[Any]:
-    """Per-asset accessors of a trigger's ``asset_state_store`` (one per watched asset)."""
-    if store is None:
-        return []
-    accessors = [*getattr(store, "_by_name", {}).values(), *getattr(store, "_by_uri", {}).values()]
-    return accessors or [store]
+# What the producers of both transports share (:mod:`.mail_stream`).
+_GROUPS = mail_stream.GROUPS
+_group = mail_stream.group
+_stream_key = mail_stream.stream_key
+_accessors = mail_stream.accessors
 
 
 class ImapStreamProducer(SharedStreamProducer):
@@ -166,7 +145,7 @@ class ImapStreamProducer(SharedStreamProducer):
                 break
             clean.append(item.broker_payload)
         if clean:
-            matched = [p for p in clean if (p["uidvalidity"], p["uid"]) in group.matched]
+            matched = [p for p in clean if mail_stream.match_key(p) in group.matched]
             if self.spec.post_action and matched:
                 result = CheckResult(
                     messages=[{"folder": self.spec.folders[0], **p} for p in matched],
@@ -176,7 +155,7 @@ class ImapStreamProducer(SharedStreamProducer):
                     self.hook.commit_mail, self.spec, result, None, mailbox=self.kwargs.get("mailbox")
                 )
             for p in matched:
-                group.matched.discard((p["uidvalidity"], p["uid"]))
+                group.matched.discard(mail_stream.match_key(p))
             last = clean[-1]
             base = self.position or FolderWatermark(last["uidvalidity"], 0)
             self.position = base.advanced(
@@ -190,6 +169,76 @@ class ImapStreamProducer(SharedStreamProducer):
             )
 
 
+def stream_transport(kwargs: dict[str, Any]) -> str:
+    """``imap`` or ``graph`` for a stream (blocking: reads the connection; ``auto`` may try an IMAP login)."""
+    from airflow_provider_o365mail.hooks.fallback import imap_then_graph
+    from airflow_provider_o365mail.hooks.o365mail import O365MailHook, receive_transport
+
+    hook = O365MailHook(kwargs.get("conn_id") or DEFAULT_CONN_ID)
+    transport = receive_transport(kwargs.get("transport"), hook.settings.transport)
+    if transport != "auto":
+        return transport
+    mailbox = kwargs.get("mailbox")
+
+    def imap_login() -> str:
+        with hook.imap_client(mailbox):
+            return "imap"
+
+    return imap_then_graph(
+        imap_login,
+        lambda: "graph",
+        key=hook._mailbox_key(mailbox),
+        what=f"{mailbox or 'the mailbox'} (connection {hook.conn_id})",
+    )
+
+
+class MailStreamProducer(SharedStreamProducer):
+    """A stream whose transport comes from the connection (``transport`` unset or ``auto``): decided when the
+    stream opens (the connection is read in a thread, never on the event loop), then the IMAP or the Graph
+    producer does the work."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = dict(kwargs)
+        self.key = _stream_key(self.kwargs)
+        self.inner: SharedStreamProducer | None = None
+
+    async def _transport(self) -> str:
+        failures = parked = 0
+        while True:
+            try:
+                return await asyncio.to_thread(stream_transport, self.kwargs)
+            except PERMANENT_ERRORS as err:  # as the streams do: park rather than fail the watcher
+                parked += 1
+                delay = PARKED.delay(parked)
+                log.error("Watching %s/%s stopped: %s Next check in %.0f s.", self.key[1], self.key[3], err, delay)
+                await asyncio.sleep(delay)
+            except Exception as err:
+                failures += 1
+                delay = RECONNECT.delay(failures)
+                log.warning("Reading connection %s failed (%s); retrying in %.0f s.", self.key[1], err, delay)
+                await asyncio.sleep(delay)
+
+    async def open_stream(self) -> AsyncIterator[tuple[Any, Any]]:
+        transport = await self._transport()
+        self.inner = _producer(transport, self.kwargs)
+        async for item in self.inner.open_stream():
+            yield item
+
+    async def advance(self, batch: Sequence[AdvanceItem]) -> None:
+        if self.inner is not None:
+            await self.inner.advance(batch)
+
+
+def _producer(transport: str | None, kwargs: dict[str, Any]) -> SharedStreamProducer:
+    if transport == "graph":
+        from airflow_provider_o365mail.triggers.graph_events import GraphStreamProducer
+
+        return GraphStreamProducer(kwargs)
+    if transport == "imap":
+        return ImapStreamProducer(kwargs)
+    return MailStreamProducer(kwargs)
+
+
 class O365ImapEventTrigger(BaseEventTrigger):
     """Fire one asset event per new message matching the criteria in ``folder``.
 
@@ -197,10 +246,14 @@ class O365ImapEventTrigger(BaseEventTrigger):
     :param folder: the folder to watch (one per watcher).
     :param mailbox: another mailbox to open (shared mailbox).
     :param sender: ...the sensor's criteria (same names and meaning), except raw ``criteria``.
-    :param post_action: ``None``, ``"seen"``, ``"flag"`` or ``"move"`` (with ``move_to``), applied after
-        Airflow stored the asset event.
-    :param poll_interval: seconds between reads where the server has no IDLE.
+    :param post_action: ``None``, ``"seen"``, ``"flag"``, ``"move"`` (with ``move_to``) or ``"delete"``,
+        applied after Airflow stored the asset event.
+    :param poll_interval: seconds between reads where the server has no IDLE; over Graph, the longest wait
+        between two delta reads (2 s after a read that found mail, then doubling up to this).
     :param idle_timeout: re-issue IDLE after this many seconds (at most 1500).
+    :param transport: ``"imap"``, ``"graph"`` (Microsoft Graph delta: where IMAP is off) or ``"auto"`` (IMAP,
+        and Graph once Exchange refuses the IMAP login); default: the connection's ``transport`` (``smtp``:
+        IMAP). Each transport keeps its own position in the asset state store.
     """
 
     def __init__(
@@ -222,15 +275,20 @@ class O365ImapEventTrigger(BaseEventTrigger):
         move_to: str | None = None,
         poll_interval: float = 60.0,
         idle_timeout: float = MAX_IDLE_SECONDS,
+        transport: str | None = None,
         **kwargs: Any,
     ) -> None:
         require_shared_streams()
+        if transport is not None and str(transport).lower() not in STREAM_TRANSPORTS:
+            raise ConnectionConfigError(
+                f"transport must be one of {', '.join(STREAM_TRANSPORTS)} (or None: the connection's); got {transport!r}."
+            )
         if kwargs.get("criteria"):
             raise CriteriaError("O365ImapEventTrigger takes the readable criteria only, not raw IMAP 'criteria'.")
         kwargs.pop("criteria", None)
         super().__init__(**kwargs)
         if post_action not in POST_ACTIONS or (post_action == "move" and not move_to):
-            raise CriteriaError("post_action must be None, 'seen', 'flag' or 'move' (with move_to).")
+            raise CriteriaError("post_action must be None, 'seen', 'flag', 'move' (with move_to) or 'delete'.")
         self.conn_id = conn_id
         self.folder = folder
         self.mailbox = mailbox
@@ -250,28 +308,30 @@ class O365ImapEventTrigger(BaseEventTrigger):
         self.move_to = move_to
         self.poll_interval = float(poll_interval)
         self.idle_timeout = min(float(idle_timeout), MAX_IDLE_SECONDS)
+        self.transport = str(transport).lower() if transport is not None else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "conn_id": self.conn_id,
-                "folder": self.folder,
-                "mailbox": self.mailbox,
-                **self.criteria_values,
-                "post_action": self.post_action,
-                "move_to": self.move_to,
-                "poll_interval": self.poll_interval,
-                "idle_timeout": self.idle_timeout,
-            },
-        )
+        kwargs = {
+            "conn_id": self.conn_id,
+            "folder": self.folder,
+            "mailbox": self.mailbox,
+            **self.criteria_values,
+            "post_action": self.post_action,
+            "move_to": self.move_to,
+            "poll_interval": self.poll_interval,
+            "idle_timeout": self.idle_timeout,
+        }
+        # Only when set: a watcher written before `transport` existed keeps its serialized form (and its trigger).
+        if self.transport is not None:
+            kwargs["transport"] = self.transport
+        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
 
     def shared_stream_key(self) -> Hashable | None:
         return _stream_key(self.serialize()[1])
 
     @classmethod
-    def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> ImapStreamProducer:
-        return ImapStreamProducer(kwargs)
+    def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> SharedStreamProducer:
+        return _producer(kwargs.get("transport"), kwargs)
 
     async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
         key = self.shared_stream_key()
@@ -283,7 +343,7 @@ class O365ImapEventTrigger(BaseEventTrigger):
             async for raw in shared_stream:
                 summary = raw["summary"]
                 if self.criteria.matches(summary, raw.get("headers")):
-                    group.matched.add((summary["uidvalidity"], summary["uid"]))
+                    group.matched.add(mail_stream.match_key(summary))
                     if emitted_id(summary) in reported:
                         log.info(
                             "Skipping %s (%s): already reported before a restart.",
@@ -312,26 +372,17 @@ class O365ImapEventTrigger(BaseEventTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Without a shared-stream manager: the same stream for this watcher alone (advance after yield)."""
-        producer = ImapStreamProducer(self.serialize()[1])
-        group = _group(producer.key)
+        kwargs = self.serialize()[1]
+        producer = _producer(kwargs.get("transport"), kwargs)
+        key = _stream_key(kwargs)
+        group = _group(key)
         group.stores[id(self)] = self.asset_state_store
         group.subscribed.set()
         try:
             async for raw, payload in producer.open_stream():
                 if self.criteria.matches(raw["summary"], raw.get("headers")):
-                    group.matched.add((payload["uidvalidity"], payload["uid"]))
+                    group.matched.add(mail_stream.match_key(raw["summary"]))
                     yield TriggerEvent({**raw["summary"], "source": SOURCE_MARKER})
                 await producer.advance([_Resolved(payload)])
         finally:
             group.stores.pop(id(self), None)
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    is_clean: bool = True
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    broker_payload: dict[str, Any]
-    outcome: _Outcome = field(default_factory=_Outcome)

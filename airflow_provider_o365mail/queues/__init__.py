@@ -1,0 +1,1 @@
+"""``queues`` entry for ``apache-airflow-providers-common-messaging`` (optional extra ``common-messaging``)."""
