@@ -158,10 +158,9 @@ class Deployment:
     def env(self) -> dict[str, str]:
         """The configuration every host shares (and the tests' own process, for the metadata DB)."""
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "O365MAIL_LOCK_DIR"))},
+            # O365MAIL_LOCK_DIR unset: the provider's per-host locks live in each host's own /tmp.
+            **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "O365MAIL_LOCK_DIR", "TMPDIR"))},
             "PYTHONUNBUFFERED": "1",
-            # The provider's per-host locks: each host's own /tmp.
-            "O365MAIL_LOCK_DIR": "/tmp/o365mail-locks",
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://postgres@{DB_HOST}:5432/airflow",
             "AIRFLOW__CELERY__BROKER_URL": f"redis://{DB_HOST}:6379/0",
