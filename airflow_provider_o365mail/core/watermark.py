@@ -101,12 +101,12 @@ class DeltaWatermark:
     folder_id: str
     delta_link: str | None = None
     seen_ids: list[str] = field(default_factory=list)
-    #: Internet Message-IDs of the last reported messages: a watch moved to IMAP skips them.
-    seen_message_ids: list[str] = field(default_factory=list)
     since: float = 0.0
     #: When ``delta_link`` was obtained: a link never replaces a newer one.
     obtained_at: float = 0.0
     updated_at: float = 0.0
+    #: Internet Message-IDs of the last reported messages: a watch moved to IMAP skips them.
+    seen_message_ids: list[str] = field(default_factory=list)
 
     def advanced(
         self,
