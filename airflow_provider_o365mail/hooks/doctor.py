@@ -224,13 +224,13 @@ def diagnose(conn_id: str) -> list[Check]:
         )
     )
     checks.append(Check("scopes", OK, scopes_needed(settings)))
+    checks.append(_check_watch(settings))  # configuration, not a link: a failure below does not skip it
     later = _later_links(settings)
     endpoints = _check_endpoints(settings)
     checks.append(endpoints)
     credential = _check_credential(settings)
     if credential is not None:
         checks.append(credential)
-    checks.append(_check_watch(settings))
     if endpoints.status == FAIL:
         return [*checks, *(Check(link, SKIP, "needs the identity provider") for link in ("token", *later))]
 

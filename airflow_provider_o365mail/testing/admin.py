@@ -7,6 +7,7 @@ import hashlib
 import html
 import re
 import secrets
+from http.client import RemoteDisconnected
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,6 +20,27 @@ def tls_session(ca_file: str) -> requests.Session:
     session.trust_env = False
     session.verify = ca_file
     return session
+
+
+def _closed_before_answering(err: requests.ConnectionError) -> bool:
+    """The server closed a kept-alive connection as the request went out (uvicorn drops idle ones after 5 s):
+    nothing reached the handler, so sending the request again on a new connection is safe."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, RemoteDisconnected) or any(isinstance(a, RemoteDisconnected) for a in seen.args):
+            return True
+        seen = seen.__cause__ or seen.__context__ or next((a for a in seen.args if isinstance(a, BaseException)), None)
+    return False
+
+
+def admin_request(session: requests.Session, method: str, url: str, **kwargs: Any) -> requests.Response:
+    """One admin call; sent once more when the server had closed the reused connection before reading it."""
+    try:
+        return session.request(method, url, **kwargs)
+    except requests.ConnectionError as err:
+        if not _closed_before_answering(err):
+            raise
+    return session.request(method, url, **kwargs)
 
 
 class SandboxAdmin:
@@ -37,7 +59,9 @@ class SandboxAdmin:
         return f"SandboxAdmin({self.base_url!r})"
 
     def _call(self, method: str, path: str, payload: dict | None = None) -> Any:
-        response = self._session.request(method, f"{self.base_url}/_sandbox/admin/{path}", json=payload, timeout=30)
+        response = admin_request(
+            self._session, method, f"{self.base_url}/_sandbox/admin/{path}", json=payload, timeout=30
+        )
         response.raise_for_status()
         return response.json()
 
@@ -278,8 +302,8 @@ class SandboxAdmin:
     def _graph(self, method: str, path: str, payload: dict | None = None) -> Any:
         if not self.graph_url:
             raise RuntimeError("this sandbox has no Graph stand-in (an env file from before it: run 'up' again)")
-        response = self._session.request(
-            method, f"{self.graph_url}/_sandbox/admin/graph/{path}", json=payload, timeout=30
+        response = admin_request(
+            self._session, method, f"{self.graph_url}/_sandbox/admin/graph/{path}", json=payload, timeout=30
         )
         response.raise_for_status()
         return response.json()

@@ -154,8 +154,8 @@ def test_the_page_inside_airflows_ui_states_check_authorize_light_and_dark(
         assert [link for link, _ in links] == [
             "connection",
             "scopes",
-            "endpoints",
             "credential watch",
+            "endpoints",
             "token store",
             "refresh token",
             "token",

@@ -130,8 +130,8 @@ def test_doctor_healthy_and_token_status_and_forget(o365mail_conn, o365_sandbox)
     assert [c["link"] for c in checks] == [
         "connection",
         "scopes",
-        "endpoints",
         "credential watch",
+        "endpoints",
         "token store",
         "refresh token",
         "token",

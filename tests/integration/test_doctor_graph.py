@@ -53,8 +53,8 @@ def test_doctor_graph_gets_a_graph_token_and_reads_without_logging_in_to_smtp(wi
     assert list(checks) == [
         "connection",
         "scopes",
-        "endpoints",
         "credential watch",
+        "endpoints",
         "token store",
         "refresh token",
         "token",
