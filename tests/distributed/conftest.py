@@ -23,7 +23,8 @@ from airflow_provider_o365mail.testing.fault_proxy import FaultProxy
 sys.path.insert(0, str(Path(__file__).parent))
 from deployment import Deployment
 
-SHARED_IMAP_BUDGET = int(os.environ.get("O365MAIL_DIST_IMAP_BUDGET", "6"))
+# The defaults of [o365mail] shared_imap_connections_per_mailbox / shared_smtp_sessions_per_mailbox.
+SHARED_IMAP_BUDGET = int(os.environ.get("O365MAIL_DIST_IMAP_BUDGET", "10"))
 SHARED_SMTP_BUDGET = 3
 
 
@@ -85,6 +86,17 @@ def add_connection(deployment):
         return conn_id
 
     return add
+
+
+def in_deployment(dep: Deployment, code: str, timeout: float = 300) -> str:
+    """Run Python as a client of the deployment (its metadata DB and Variables; this test process has
+    the suite's own SQLite Airflow, tests/conftest.py); returns the last line it printed."""
+    home = dep.state / "cli-home"
+    home.mkdir(exist_ok=True)
+    out = subprocess.run([dep.venv_python, "-c", textwrap.dedent(code)], env={**dep.env(), "AIRFLOW_HOME": str(home)},
+                         capture_output=True, text=True, timeout=timeout, cwd=home)  # fmt: skip
+    assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
 def write_dag(dep: Deployment, dag_id: str, source: str) -> None:
