@@ -26,6 +26,7 @@ from deployment import Deployment
 # The defaults of [o365mail] shared_imap_connections_per_mailbox / shared_smtp_sessions_per_mailbox.
 SHARED_IMAP_BUDGET = int(os.environ.get("O365MAIL_DIST_IMAP_BUDGET", "10"))
 SHARED_SMTP_BUDGET = 3
+WITHOUT_SHARED = os.environ.get("O365MAIL_DIST_WITHOUT_SHARED_BUDGET") == "1"
 
 
 def pytest_collection_modifyitems(items):
@@ -53,8 +54,12 @@ def deployment(o365_sandbox, proxies):
         state,
         env_extra={
             # The provider's settings, the same on every host.
-            "AIRFLOW__O365MAIL__SHARED_IMAP_CONNECTIONS_PER_MAILBOX": str(SHARED_IMAP_BUDGET),
-            "AIRFLOW__O365MAIL__SHARED_SMTP_SESSIONS_PER_MAILBOX": str(SHARED_SMTP_BUDGET),
+            # O365MAIL_DIST_WITHOUT_SHARED_BUDGET=1 turns the shared budgets off (0) while the tests still
+            # assert them: how to see the budget test fail (per-process budgets only).
+            "AIRFLOW__O365MAIL__SHARED_IMAP_CONNECTIONS_PER_MAILBOX": "0"
+            if WITHOUT_SHARED
+            else str(SHARED_IMAP_BUDGET),
+            "AIRFLOW__O365MAIL__SHARED_SMTP_SESSIONS_PER_MAILBOX": "0" if WITHOUT_SHARED else str(SHARED_SMTP_BUDGET),
             # A killed worker's task is noticed within a minute, not five.
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
         },
