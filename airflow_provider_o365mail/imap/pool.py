@@ -25,6 +25,9 @@ the token it used (an object with ``expires_on``).
 ``shared_slot`` (optional, :data:`..core.budget.SharedSlot`) is the mailbox's budget across processes
 and hosts: every session holds one of its slots from before its login until it is closed or dropped,
 idle sessions included (the server counts them too); the pool's own budget is the first level.
+An idle session then gives its slot back after ``shared_idle_ttl`` (5 s), not ``idle_ttl``: other
+processes may be waiting for it (measured on the distributed deployment: with 60 s, the triggerers'
+idle sessions kept worker tasks waiting for a slot until they gave up).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CONNECTIONS = 4
 #: A returned session stays logged in this long for the next check, then is logged out.
 IDLE_TTL_SECONDS = 60.0
+#: With a shared budget, a returned session is logged out after this long unused (others may wait for its slot).
+SHARED_IDLE_TTL_SECONDS = 5.0
 #: A session idle longer than this is probed with NOOP before use.
 PROBE_AFTER_SECONDS = 20.0
 #: A session being closed gets this long to answer LOGOUT (then its socket is simply closed).
@@ -124,6 +129,7 @@ class ImapPool:
         *,
         name: str = "",
         idle_ttl: float = IDLE_TTL_SECONDS,
+        shared_idle_ttl: float = SHARED_IDLE_TTL_SECONDS,
         probe_after: float = PROBE_AFTER_SECONDS,
         probe_answer: float = PROBE_ANSWER_SECONDS,
         token_margin: float = TOKEN_MARGIN_SECONDS,
@@ -138,7 +144,8 @@ class ImapPool:
             raise ValueError(f"max_connections must be >= 1, not {max_connections}")
         self.max_connections = max_connections
         self.name = name
-        self.idle_ttl = idle_ttl
+        self._idle_ttl = idle_ttl
+        self.shared_idle_ttl = shared_idle_ttl
         self.probe_after = probe_after
         self.probe_answer = probe_answer
         self.token_margin = token_margin
@@ -162,6 +169,11 @@ class ImapPool:
         self._reaper: threading.Timer | None = None
         #: sessions opened (tests and the benchmark); leased now and most leased at once are the budget's
         self.opened = 0
+
+    @property
+    def idle_ttl(self) -> float:
+        """How long a returned session stays logged in: shorter when it holds a slot of a shared budget."""
+        return self._idle_ttl if self.shared_slot is None else min(self._idle_ttl, self.shared_idle_ttl)
 
     @property
     def leased(self) -> int:

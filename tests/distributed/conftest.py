@@ -23,8 +23,10 @@ from airflow_provider_o365mail.testing.fault_proxy import FaultProxy
 sys.path.insert(0, str(Path(__file__).parent))
 from deployment import Deployment
 
-SHARED_IMAP_BUDGET = int(os.environ.get("O365MAIL_DIST_IMAP_BUDGET", "6"))
+# The defaults of [o365mail] shared_imap_connections_per_mailbox / shared_smtp_sessions_per_mailbox.
+SHARED_IMAP_BUDGET = int(os.environ.get("O365MAIL_DIST_IMAP_BUDGET", "10"))
 SHARED_SMTP_BUDGET = 3
+WITHOUT_SHARED = os.environ.get("O365MAIL_DIST_WITHOUT_SHARED_BUDGET") == "1"
 
 
 def pytest_collection_modifyitems(items):
@@ -52,8 +54,12 @@ def deployment(o365_sandbox, proxies):
         state,
         env_extra={
             # The provider's settings, the same on every host.
-            "AIRFLOW__O365MAIL__SHARED_IMAP_CONNECTIONS_PER_MAILBOX": str(SHARED_IMAP_BUDGET),
-            "AIRFLOW__O365MAIL__SHARED_SMTP_SESSIONS_PER_MAILBOX": str(SHARED_SMTP_BUDGET),
+            # O365MAIL_DIST_WITHOUT_SHARED_BUDGET=1 turns the shared budgets off (0) while the tests still
+            # assert them: how to see the budget test fail (per-process budgets only).
+            "AIRFLOW__O365MAIL__SHARED_IMAP_CONNECTIONS_PER_MAILBOX": "0"
+            if WITHOUT_SHARED
+            else str(SHARED_IMAP_BUDGET),
+            "AIRFLOW__O365MAIL__SHARED_SMTP_SESSIONS_PER_MAILBOX": "0" if WITHOUT_SHARED else str(SHARED_SMTP_BUDGET),
             # A killed worker's task is noticed within a minute, not five.
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
         },
@@ -85,6 +91,17 @@ def add_connection(deployment):
         return conn_id
 
     return add
+
+
+def in_deployment(dep: Deployment, code: str, timeout: float = 300) -> str:
+    """Run Python as a client of the deployment (its metadata DB and Variables; this test process has
+    the suite's own SQLite Airflow, tests/conftest.py); returns the last line it printed."""
+    home = dep.state / "cli-home"
+    home.mkdir(exist_ok=True)
+    out = subprocess.run([dep.venv_python, "-c", textwrap.dedent(code)], env={**dep.env(), "AIRFLOW_HOME": str(home)},
+                         capture_output=True, text=True, timeout=timeout, cwd=home)  # fmt: skip
+    assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
 def write_dag(dep: Deployment, dag_id: str, source: str) -> None:

@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from conftest import SHARED_IMAP_BUDGET, SHARED_SMTP_BUDGET, sql, task_rows, trigger, wait_run, write_dag
+from conftest import SHARED_IMAP_BUDGET, SHARED_SMTP_BUDGET, in_deployment, sql, task_rows, trigger, wait_run, write_dag
 
 from airflow_provider_o365mail.testing.mailbox import imap_session, parse
 
@@ -70,9 +70,14 @@ def test_twenty_tasks_on_two_hosts_refresh_once_under_strict_rotation(deployment
         assert refreshes == 1, f"one refresh for 20 tasks on two hosts, not {refreshes}"
         # The grant is intact: strict rotation saw no second redemption of one refresh token (a revoked
         # grant fails this refresh with invalid_grant).
-        from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-
-        assert O365MailHook(conn_id).access_token(force_refresh=True).source == "identity_provider"
+        source = in_deployment(
+            deployment,
+            f"""
+            from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+            print(O365MailHook({conn_id!r}).access_token(force_refresh=True).source)
+        """,
+        )
+        assert source == "identity_provider"
     finally:
         admin.update_settings(strict_rotation=False)
 
@@ -89,7 +94,9 @@ def test_deferred_and_poking_sensors_of_one_mailbox_on_every_host_stay_within_it
     conn_a = add_connection(f"dist_budget_a_{tag}", conn_json)
     conn_b = add_connection(f"dist_budget_b_{tag}", conn_json)
     dag_id = f"dist_budget_{tag}"
-    pokers = 8
+    # Poking sensors keep their pooled session (and its slot) between pokes, and each triggerer holds
+    # one IDLE session per connection id and folder: 2 x 2 + 2 persistent connections, under the budget.
+    pokers = 2
     senders = 6
     write_dag(
         deployment,
@@ -106,7 +113,9 @@ def test_deferred_and_poking_sensors_of_one_mailbox_on_every_host_stay_within_it
             for n in range({SENSORS}):
                 # A different max_messages per sensor: no two checks are identical (no coalescing).
                 O365ImapSensor(task_id=f"deferred_{{n:04d}}", conn_id=conns[n % 2], subject="{tag} report",
-                               max_messages=n + 1, deferrable=True, timeout=3000, poke_interval=60)
+                               max_messages=n + 1, deferrable=True, timeout=3000, poke_interval=60,
+                               # a first poke that waited 5 min for a slot fails with a retried error
+                               retries=3)
             for n in range({pokers}):
                 O365ImapSensor(task_id=f"poking_{{n}}", conn_id=conns[n % 2], subject="{tag} report",
                                max_messages=5000 + n, mode="poke", poke_interval=2, timeout=3000)
@@ -145,13 +154,18 @@ def test_deferred_and_poking_sensors_of_one_mailbox_on_every_host_stay_within_it
         assert deferred == SENSORS
         assert len(triggerers) >= 2, f"the triggers are spread over both triggerers: {triggerers}"
         time.sleep(10)
-        from airflow_provider_o365mail.hooks.o365mail import O365MailHook
-
-        O365MailHook(conn_a).send_email(to=sbx.user, subject=f"{tag} report", text_content="x")
+        in_deployment(
+            deployment,
+            f"""
+            from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+            O365MailHook({conn_a!r}).send_email(to={sbx.user!r}, subject="{tag} report", text_content="x")
+        """,
+        )
         state = wait_run(deployment, dag_id, run_id, timeout=3000)
     finally:
         stop.set()
         sampler.join(timeout=10)
+        print(f"budget test: peak IMAP {imap.stats().max_concurrent}, SMTP {smtp.stats().max_concurrent} so far")
     rows = task_rows(deployment, dag_id, run_id)
     imap_peak, smtp_peak = imap.stats().max_concurrent, smtp.stats().max_concurrent
     print(

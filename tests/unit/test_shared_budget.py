@@ -289,3 +289,17 @@ def test_each_idle_session_holds_a_shared_slot_and_a_cancelled_wait_leaves_none_
         assert slots() == 0, "a slot that arrived after the cancel was given back"
 
     asyncio.run(scenario())
+
+
+def test_an_idle_pooled_session_gives_its_shared_slot_back_soon_not_after_the_pools_idle_ttl():
+    store = Variables()
+    shared = budget(store, limit=1)
+    pool = ImapPool(2, idle_ttl=60, shared_idle_ttl=0.2, shared_slot=shared.acquire)
+    with pool.lease(lambda: (Client(), Token())):
+        pass
+    assert pool.idle_ttl == 0.2
+    deadline = time.monotonic() + 10
+    while any(k.startswith("o365mail_slot__") for k in store.data):
+        assert time.monotonic() < deadline, "the idle session still holds the mailbox's only slot"
+        time.sleep(0.05)
+    assert ImapPool(2, idle_ttl=60).idle_ttl == 60, "without a shared budget idle sessions stay 60 s"
