@@ -9,12 +9,20 @@ held). A connection holds one slot from before its login until it is closed, so 
 connections of the kind are open to the mailbox at once, whatever the connection id: the key is the
 mailbox's address (lower-cased), so two connection ids of one mailbox share its budget.
 
+Waiting is cheap for the shared store: a new connection reads the slots once; while all are taken
+it reads one small Variable, the release hint (which slot was given back last), twice a second and
+tries the slot it names, and reads every slot again every 10 s (holders that died, hints
+overwritten). It is not a queue: a waiter may be overtaken by a later one; after
+``acquire_timeout`` it raises :class:`MailServerUnavailable`, which is retried.
+
 What this guarantees is what the lease guarantees (its docstring): at most one holder per slot
 *if* every Variable write becomes visible within ``settle`` seconds, clocks agree to better than
 ``ttl / 4``, and no holder is frozen for longer than ``ttl``. A process killed while holding slots
 leaves them to expire after ``ttl`` (its connections died with it: the budget errs on the side of
-fewer connections). A process that exits normally gives its slots back (an ``atexit`` handler:
-Airflow's task processes run the ones registered after the fork).
+fewer connections). A process that stops normally gives its slots back: a task process in the
+lifecycle listener's ``before_stopping`` (``plugins/slot_listener.py``; a task reaches Variables only
+until the task runner closes its supervisor socket, before ``atexit``), other processes also in an
+``atexit`` handler.
 
 The per-process budget stays the first level: a process asks the shared store only for a connection
 its own budget allows, so the store sees at most one waiter per connection a process may open.
@@ -24,11 +32,13 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from airflow_provider_o365mail.auth.lease import LeaseTimeout, LeaseTiming, RefreshLease
@@ -49,6 +59,11 @@ ACQUIRE_TIMEOUT_SECONDS = 300.0
 SLOT_DESCRIPTION = "airflow-provider-o365mail: connection slot (one of a mailbox's connections, held now)"
 
 KINDS = {"imap": "IMAP connections", "smtp": "SMTP sessions"}
+#: A waiter reads the release hint this often (jittered +-50 %) ...
+POLL_SECONDS = 0.5
+#: ... and reads every slot this often (jittered), for holders that died or hints overwritten.
+RESCAN_SECONDS = 10.0
+HINT_DESCRIPTION = "airflow-provider-o365mail: the connection slot given back last (a hint for waiters)"
 
 
 def configured_shared_budget(option: str, default: int) -> int:
@@ -69,17 +84,34 @@ def configured_shared_budget(option: str, default: int) -> int:
     return limit
 
 
+def _digest(mailbox: str) -> str:
+    return hashlib.sha256(mailbox.strip().lower().encode()).hexdigest()[:16]
+
+
 def slot_key(kind: str, mailbox: str, index: int) -> str:
-    digest = hashlib.sha256(mailbox.strip().lower().encode()).hexdigest()[:16]
-    return f"o365mail_slot__{kind}__{digest}__{index}"
+    return f"o365mail_slot__{kind}__{_digest(mailbox)}__{index}"
+
+
+def hint_key(kind: str, mailbox: str) -> str:
+    """The Variable naming the slot given back last (written on each release, read by waiters)."""
+    return f"o365mail_slotfree__{kind}__{_digest(mailbox)}"
+
+
+def _hinted_index(raw: str | None, limit: int) -> int | None:
+    try:
+        index = json.loads(raw)["index"] if raw else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return index if isinstance(index, int) and 0 <= index < limit else None
 
 
 class _Held:
     """One slot, held (its lease renews itself) until :meth:`release`."""
 
-    def __init__(self, lease: RefreshLease, owner: SharedBudget) -> None:
+    def __init__(self, lease: RefreshLease, owner: SharedBudget, index: int) -> None:
         self._lease = lease
         self._owner = owner
+        self._index = index
         self._released = threading.Event()
 
     def release(self) -> None:
@@ -88,6 +120,7 @@ class _Held:
         self._released.set()
         self._owner._forget(self)
         self._lease.release()
+        self._owner._hint_released(self._index)
 
     def __repr__(self) -> str:
         return f"<slot {self._lease.key}>"
@@ -112,6 +145,8 @@ class SharedBudget:
         acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        poll: float = POLL_SECONDS,
+        rescan: float = RESCAN_SECONDS,
     ) -> None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, not {limit}")
@@ -124,6 +159,8 @@ class SharedBudget:
         self.acquire_timeout = acquire_timeout
         self._clock = clock
         self._sleep = sleep
+        self.poll = poll
+        self.rescan = rescan
 
     def __repr__(self) -> str:
         return f"SharedBudget({self.kind}, {self.mailbox!r}, limit={self.limit})"
@@ -140,18 +177,18 @@ class SharedBudget:
         )
 
     def acquire(self) -> _Held:
-        """A slot (blocking, jittered retries); raises :class:`MailServerUnavailable` after ``acquire_timeout``."""
+        """A slot (blocking); raises :class:`MailServerUnavailable` after ``acquire_timeout``.
+
+        One scan of every slot first. A waiter then reads only the budget's release hint (one small
+        Variable, every ``poll`` seconds) and tries the slot it names when it changes, plus a full scan
+        every ``rescan`` seconds for slots whose holder died (its lease expires after the ttl) or
+        whose hint was overwritten. So W waiters cost about W reads a second, not W x N.
+        """
         deadline = time.monotonic() + self.acquire_timeout
-        order = list(range(self.limit))
-        while True:
-            random.shuffle(order)  # waiters spread over the slots instead of all claiming slot 0
-            for index in order:
-                lease = self._lease(index)
-                try:
-                    if lease.acquire(0.0):  # one try: a past deadline makes a busy slot raise at once
-                        return self._remember(_Held(lease, self))
-                except LeaseTimeout:
-                    continue
+        hint = self._read_hint()
+        held = self._scan()
+        next_scan = time.monotonic() + self.rescan * (0.5 + random.random())  # noqa: S311 - jitter
+        while held is None:
             if time.monotonic() > deadline:
                 what = KINDS.get(self.kind, self.kind)
                 raise MailServerUnavailable(
@@ -159,7 +196,50 @@ class SharedBudget:
                     f"{self.acquire_timeout:.0f} s; this is retried. Run fewer at once, or raise [o365mail] "
                     f"{self.option} if the mailbox has connections to spare."
                 )
-            self._sleep(0.5 + random.random())  # noqa: S311 - jitter, not cryptography
+            self._sleep(self.poll * (0.5 + random.random()))  # noqa: S311 - jitter, not cryptography
+            latest = self._read_hint()
+            if latest != hint:
+                hint = latest
+                index = _hinted_index(latest, self.limit)
+                if index is not None:
+                    held = self._try(index)
+            if held is None and time.monotonic() >= next_scan:
+                held = self._scan()
+                next_scan = time.monotonic() + self.rescan * (0.5 + random.random())  # noqa: S311
+        return self._remember(held)
+
+    def _try(self, index: int) -> _Held | None:
+        lease = self._lease(index)
+        try:
+            if lease.acquire(0.0):  # one try: a past deadline makes a busy slot raise at once
+                return _Held(lease, self, index)
+        except LeaseTimeout:
+            pass
+        return None
+
+    def _scan(self) -> _Held | None:
+        order = list(range(self.limit))
+        random.shuffle(order)  # waiters spread over the slots instead of all claiming slot 0
+        for index in order:
+            held = self._try(index)
+            if held is not None:
+                return held
+        return None
+
+    def _read_hint(self) -> str | None:
+        try:
+            return self.variables.get(hint_key(self.kind, self.mailbox))
+        except Exception as err:  # the full scan still finds free slots
+            log.debug("Could not read the release hint of %r: %s", self, type(err).__name__)
+            return None
+
+    def _hint_released(self, index: int) -> None:
+        """Tell the waiters (on every host) which slot just came free; they try it at their next poll."""
+        try:
+            value = json.dumps({"index": index, "nonce": uuid.uuid4().hex[:12]})
+            self.variables.set(hint_key(self.kind, self.mailbox), value, description=HINT_DESCRIPTION)
+        except Exception as err:  # waiters find the slot at their next full scan
+            log.debug("Could not write the release hint of %r: %s", self, type(err).__name__)
 
     __call__ = acquire
 
@@ -189,6 +269,12 @@ def _register(held: _Held) -> None:
 def _unregister(held: _Held) -> None:
     with _HELD_LOCK:
         _HELD.discard(held)
+
+
+def held_count() -> int:
+    """How many slots this process holds now (idle pooled sessions included)."""
+    with _HELD_LOCK:
+        return len(_HELD)
 
 
 def release_all() -> int:
