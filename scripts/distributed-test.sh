@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The distributed job (issue #24), separate from scripts/test.sh (the main CI job has no time left for
-# it): measured on 2 cores with O365MAIL_DIST_SENSORS=40, about 30 minutes (deployment 2-3 min, refresh
-# test 1.5 min, killed-host test 2.5 min, budget test 20 min); each sensor's first poke is a Celery
-# task, so the default 1,000 sensors take hours on 2 cores. A CeleryExecutor deployment on this machine, each
+# it): measured on 2 cores with the default 1,000 sensors, about 60 minutes (deployment 2-3 min, refresh
+# test 1.5 min, budget test 50 min: each sensor is two Celery tasks, its first poke and execute_complete;
+# killed-host test 2.5 min). A CeleryExecutor deployment on this machine, each
 # Airflow component a "host" in its own network, mount and UTS namespace (tests/distributed/), with
 # PostgreSQL and Redis from Debian's packages, against the local sandbox. Run as root.
 #
