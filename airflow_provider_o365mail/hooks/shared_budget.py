@@ -19,7 +19,8 @@ What this guarantees is what the lease guarantees (its docstring): at most one h
 *if* every Variable write becomes visible within ``settle`` seconds, clocks agree to better than
 ``ttl / 4``, and no holder is frozen for longer than ``ttl``. A process killed while holding slots
 leaves them to expire after ``ttl`` (its connections died with it: the budget errs on the side of
-fewer connections). A process that stops normally gives its slots back: a task process in the
+fewer connections), unless the next claimant runs on the same host and sees that the holder's
+process is gone (:func:`holder_died_on_this_host`): then the slot is free at once. A process that stops normally gives its slots back: a task process in the
 lifecycle listener's ``before_stopping`` (``plugins/slot_listener.py``; a task reaches Variables only
 until the task runner closes its supervisor socket, before ``atexit``), other processes also in an
 ``atexit`` handler.
@@ -43,7 +44,7 @@ from collections.abc import Callable
 
 from airflow_provider_o365mail.auth.lease import LeaseTimeout, LeaseTiming, RefreshLease
 from airflow_provider_o365mail.exceptions import ConnectionConfigError, MailServerUnavailable
-from airflow_provider_o365mail.runtime import VariableBackend
+from airflow_provider_o365mail.runtime import VariableBackend, process_running
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,24 @@ def _hinted_index(raw: str | None, limit: int) -> int | None:
     except (ValueError, TypeError, KeyError):
         return None
     return index if isinstance(index, int) and 0 <= index < limit else None
+
+
+def holder_died_on_this_host(lease: dict) -> bool:
+    """True when the slot's holder was a process of this host (same hostname) that no longer runs.
+
+    A process killed with SIGKILL (an OOM kill, a killed task) cannot give its slots back, but the
+    kernel closed its connections: its slots are free now, not when their lease expires. Only this
+    host's processes can be checked; another host's dead holder still frees its slot after ``ttl``.
+    Hostnames must be unique per host (they are for Kubernetes pods and Docker containers).
+    """
+    node, _, rest = str(lease.get("owner", "")).partition(":")
+    pid_text = rest.partition(":")[0]
+    if node != os.uname().nodename or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # this process: alive (its own slots are released by their holder)
+    return not process_running(pid)
 
 
 class _Held:
@@ -174,6 +193,7 @@ class SharedBudget:
             sleep=self._sleep,
             key=slot_key(self.kind, self.mailbox, index),
             doing="holding",
+            holder_gone=holder_died_on_this_host,
         )
 
     def acquire(self) -> _Held:

@@ -6,7 +6,11 @@ store that behaves like the real one: last writer wins, no compare-and-swap."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -163,12 +167,53 @@ def test_a_slot_of_a_killed_holder_comes_free_after_the_lease_ttl_and_not_before
     store = Variables()
     now = [1000.0]
     dead = budget(store, limit=1, clock=lambda: now[0])
-    dead.acquire()._lease._stop.set()  # the holder is SIGKILLed: nothing renews nor releases its slot
+    # The holder on another host is SIGKILLed: nothing renews nor releases its slot (this process's own
+    # pid is never taken for dead, so it stands for a holder whose process cannot be checked).
+    dead.acquire()._lease._stop.set()
     waiting = budget(store, limit=1, clock=lambda: now[0], acquire_timeout=0.2)
     with pytest.raises(MailServerUnavailable):
         waiting.acquire()
     now[0] += FAST.ttl + 1
     budget(store, limit=1, clock=lambda: now[0]).acquire().release()
+
+
+def _lease_of(pid: int, node: str | None = None) -> str:
+    node = node or os.uname().nodename
+    return json.dumps({"owner": f"{node}:{pid}:0123abcd", "fence": 3, "until": time.time() + 3600})
+
+
+def test_a_slot_whose_holder_on_this_host_was_killed_is_free_at_once_not_after_the_ttl():
+    """Before: every SIGKILLed holder (an OOM-killed task) blocked its slot for the lease ttl (a minute
+    or more); ten kills in the kill tests stalled every later poke for that long."""
+    store = Variables()
+    key = slot_key("imap", "shared@contoso.test", 0)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()
+    zombie.kill()
+    deadline = time.monotonic() + 10
+    while shared_budget.process_running(zombie.pid):  # killed, not reaped: a zombie
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        for holder, free in [
+            (_lease_of(alive.pid), False),
+            (_lease_of(reaped.pid, node="another-host"), False),  # cannot be checked from here
+            (_lease_of(reaped.pid), True),
+            (_lease_of(zombie.pid), True),
+        ]:
+            store.data[key] = holder
+            late = budget(store, "shared@contoso.test", limit=1, acquire_timeout=0.1, poll=0.02)
+            if free:
+                late.acquire().release()
+            else:
+                with pytest.raises(MailServerUnavailable):
+                    late.acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+        zombie.wait()
 
 
 def test_a_held_slot_is_renewed_and_outlives_its_ttl():
