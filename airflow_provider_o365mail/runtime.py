@@ -7,6 +7,7 @@ the api-server plugin and plain Python use the core models (which also read the 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -106,3 +107,22 @@ def load_connection(conn_id: str) -> Connection:
 
         return BaseHook.get_connection(conn_id)
     return CoreConnection.get_connection_from_secrets(conn_id)
+
+
+def process_running(pid: int) -> bool:
+    """True while process ``pid`` of this host runs; a zombie (killed, not yet reaped) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rpartition(b")")[2].split()[0]
+        return state not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass  # no /proc: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

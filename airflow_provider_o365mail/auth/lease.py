@@ -91,6 +91,8 @@ class RefreshLease:
     :param key: the lease's Variable (default :func:`lease_key` of ``conn_id``); another key makes the
         same cross-host lease guard something else (``conn_id`` then names that thing in messages).
     :param doing: what a holder does, for the timeout message.
+    :param holder_gone: True when the holder named in a lease is known to be dead (its lease is then
+        free before it expires); None trusts only ``until``.
     """
 
     def __init__(
@@ -103,8 +105,10 @@ class RefreshLease:
         sleep: Callable[[float], None] = time.sleep,
         key: str | None = None,
         doing: str = "refreshing the token of",
+        holder_gone: Callable[[dict], bool] | None = None,
     ) -> None:
         self.backend = backend
+        self.holder_gone = holder_gone
         self.conn_id = conn_id
         self.key = key or lease_key(conn_id)
         self.doing = doing
@@ -154,7 +158,11 @@ class RefreshLease:
         current: dict | None = None
         while True:
             current = self.read()
-            if current is None or float(current.get("until", 0)) < self._clock():
+            if (
+                current is None
+                or float(current.get("until", 0)) < self._clock()
+                or (self.holder_gone is not None and self.holder_gone(current))
+            ):
                 fence = max(int((current or {}).get("fence", 0) or 0), min_fence) + 1
                 self.fence = fence
                 started = self._write(fence)

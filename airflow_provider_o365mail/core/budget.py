@@ -4,8 +4,13 @@ Exchange Online caps connections per mailbox (about 20 IMAP, 3 SMTP AUTH session
 next SMTP session with ``432 4.3.2 Concurrent connections limit exceeded.``). Tasks or triggers of
 one process that each open a connection would mostly be retrying each other; a budget makes them
 queue instead: a connection holds a slot from its login until it is closed. The SMTP sender and the
-IMAP pool (``imap.pool``) both hold their connections in one. Across processes use an Airflow pool
-(docs/sending.md); the servers' own refusals stay retried for what no budget sees.
+IMAP pool (``imap.pool``) both hold their connections in one.
+
+That budget is the first level, per process. The second level is shared by every process and host
+(:data:`SharedSlot`: one slot of a mailbox's budget, held until released; the hook builds it from
+Airflow Variables, ``hooks/shared_budget.py``): a connection holds a slot of each, the process's
+first, so one process never queues on the shared store for more than its own budget. The servers'
+own refusals stay retried for what no budget sees.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import Protocol
 
 from airflow_provider_o365mail.exceptions import MailServerUnavailable
 
@@ -65,6 +71,31 @@ class ConnectionBudget:
             with self._lock:
                 self.in_use -= 1
             self._slots.release()
+
+
+class HeldSlot(Protocol):
+    """One slot of a budget shared across processes; :meth:`release` gives it back (idempotent)."""
+
+    def release(self) -> None: ...
+
+
+#: Blocking: one slot of the mailbox's shared budget, held until released; raises
+#: :class:`MailServerUnavailable` when none came free in time (retried like a refused login).
+SharedSlot = Callable[[], HeldSlot]
+
+
+@contextlib.contextmanager
+def two_level_slot(budget: ConnectionBudget, shared: SharedSlot | None) -> Iterator[None]:
+    """A slot of this process's ``budget``, then one of the ``shared`` budget (if any); both held inside."""
+    with budget.slot():
+        if shared is None:
+            yield
+            return
+        held = shared()
+        try:
+            yield
+        finally:
+            held.release()
 
 
 _BUDGETS: dict[Hashable, ConnectionBudget] = {}

@@ -29,7 +29,13 @@ from airflow_provider_o365mail.connection import (
     settings_from_connection,
 )
 from airflow_provider_o365mail.core.batch import send_batch
-from airflow_provider_o365mail.core.budget import ConnectionBudget, connection_budget
+from airflow_provider_o365mail.core.budget import (
+    ConnectionBudget,
+    HeldSlot,
+    SharedSlot,
+    connection_budget,
+    two_level_slot,
+)
 from airflow_provider_o365mail.core.compose import OutgoingMessage, PlannedMessage, compose_message, plan_message
 from airflow_provider_o365mail.core.credentials import login_with_fresh_token
 from airflow_provider_o365mail.core.gate import check_gate
@@ -66,6 +72,14 @@ from airflow_provider_o365mail.graph.sender import SEND_RETRY as GRAPH_SEND_RETR
 from airflow_provider_o365mail.graph.sender import GraphSender, mailbox_path, sent_items_count
 from airflow_provider_o365mail.hooks import connection_form
 from airflow_provider_o365mail.hooks.fallback import SmtpThenGraph, imap_then_graph, smtp_auth_disabled
+from airflow_provider_o365mail.hooks.shared_budget import (
+    DEFAULT_SHARED_IMAP,
+    DEFAULT_SHARED_SMTP,
+    SHARED_IMAP_OPTION,
+    SHARED_SMTP_OPTION,
+    SharedBudget,
+    configured_shared_budget,
+)
 from airflow_provider_o365mail.imap import watch as imap_watch
 from airflow_provider_o365mail.imap.attachments import ImapAttachmentReader
 from airflow_provider_o365mail.imap.errors import refusal_class
@@ -295,7 +309,36 @@ class O365MailHook(BaseHook):
     def imap_pool(self, mailbox: str | None = None) -> ImapPool:
         """This process's pool of logged-in IMAP sessions of the mailbox ([o365mail] max_imap_connections_per_mailbox)."""
         budget = configured_budget(IMAP_BUDGET_OPTION, DEFAULT_MAX_CONNECTIONS)
-        return imap_pool(self._mailbox_key(mailbox), budget, name=f"{self.conn_id}/{mailbox or 'default mailbox'}")
+        return imap_pool(
+            self._mailbox_key(mailbox),
+            budget,
+            name=f"{self.conn_id}/{mailbox or 'default mailbox'}",
+            shared_slot=self.shared_slot("imap", mailbox),
+        )
+
+    def shared_budget(self, kind: str, mailbox: str | None = None) -> SharedBudget | None:
+        """The mailbox's budget of ``kind`` ("imap", "smtp") connections across every process and host,
+        keyed by its address ([o365mail] shared_imap_connections_per_mailbox / shared_smtp_sessions_per_mailbox;
+        None when set to 0)."""
+        option, default = {
+            "imap": (SHARED_IMAP_OPTION, DEFAULT_SHARED_IMAP),
+            "smtp": (SHARED_SMTP_OPTION, DEFAULT_SHARED_SMTP),
+        }[kind]
+        limit = configured_shared_budget(option, default)
+        if limit == 0:
+            return None
+        timing = LeaseTiming.configured(self.settings.timeout)
+        return SharedBudget(default_variables(), kind, mailbox or self.settings.mailbox, limit, timing, option=option)
+
+    def shared_slot(self, kind: str, mailbox: str | None = None) -> SharedSlot:
+        """Blocking: a slot of :meth:`shared_budget` (nothing to hold when it is off); reads the connection
+        only when called (the IDLE hub calls it in a thread)."""
+
+        def take() -> HeldSlot:
+            budget = self.shared_budget(kind, mailbox)
+            return budget.acquire() if budget is not None else _NO_SLOT
+
+        return take
 
     @contextlib.contextmanager
     def pooled_imap_client(self, mailbox: str | None = None) -> Iterator[Any]:
@@ -400,6 +443,7 @@ class O365MailHook(BaseHook):
             self.access_token,
             poll_interval=poll_interval,
             max_idle=max_idle,
+            slot=self.shared_slot("imap", mailbox),
         )
 
     def commit_mail(
@@ -629,14 +673,16 @@ class O365MailHook(BaseHook):
 
         :param max_attempts: attempts per message for temporary failures (default 5).
         :param options: ``retry`` (a :class:`~..retry.Backoff`), ``reauth_margin``, ``clock``, ``sleep``,
-            ``session_slot`` (default: a slot of :meth:`smtp_budget`, held while a session is open),
+            ``session_slot`` (default: a slot of :meth:`smtp_budget`, then one of :meth:`shared_budget`,
+            held while a session is open),
             ``sent_lookup``, ``sent_items_wait``.
         """
         if max_attempts is not None:
             options["retry"] = dataclasses.replace(options.get("retry", SEND_RETRY), attempts=max_attempts)
         options.setdefault("sent_lookup", self.sent_items_lookup(mailbox))
         s = self.settings
-        options.setdefault("session_slot", self.smtp_budget(mailbox).slot)
+        budget = self.smtp_budget(mailbox)
+        options.setdefault("session_slot", lambda: two_level_slot(budget, self.shared_slot("smtp", mailbox)))
         return SmtpBatchSender(
             lambda force_refresh: self.smtp_login(mailbox, force_refresh=force_refresh),
             where=f"{s.smtp_host}:{s.smtp_port}",
@@ -913,6 +959,14 @@ class O365MailHook(BaseHook):
     def _use(factory) -> None:
         with factory():
             pass
+
+
+class _NoSlot:
+    def release(self) -> None:
+        pass
+
+
+_NO_SLOT = _NoSlot()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,10 @@ out and in again) and is woken at once, without bumping the generation for every
 
 Nothing here blocks the event loop: the endpoint and the token come from blocking callables that
 run in a worker thread. The IDLE task stops ``linger`` seconds after its last waiter left.
+
+A waiter may pass ``slot`` (:data:`..core.budget.SharedSlot`), the mailbox's connection budget
+across processes and hosts: each IDLE session then holds one of its slots from before its login
+until it ends (taken in a thread; given back in one, so the loop never blocks on the shared store).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from airflow_provider_o365mail import exceptions
+from airflow_provider_o365mail.core.budget import HeldSlot, SharedSlot
 from airflow_provider_o365mail.core.credentials import ExpiringToken, TokenSource
 from airflow_provider_o365mail.exceptions import MailAuthenticationError
 from airflow_provider_o365mail.imap.idle import (
@@ -66,6 +72,7 @@ class _Wanted:
     max_idle: float
     endpoint: Callable[[], ImapEndpoint]
     token_source: TokenSource
+    slot: SharedSlot | None = None
 
 
 @dataclass
@@ -180,11 +187,13 @@ class IdleHub:
         *,
         poll_interval: float = 60.0,
         max_idle: float = MAX_IDLE_SECONDS,
+        slot: SharedSlot | None = None,
     ) -> Subscription:
         """Join (or start) the watch of ``folder`` for ``key``; no I/O here.
 
         :param endpoint: blocking; returns where to log in (called in a thread by the loop).
         :param token_source: blocking; called in a thread before each IDLE session.
+        :param slot: blocking; a slot of the mailbox's shared budget, held by each IDLE session.
         """
         state = self._folders.get((key, folder))
         if state is None:
@@ -193,7 +202,7 @@ class IdleHub:
             state.linger.cancel()
             state.linger = None
         waiter_id = next(self._ids)
-        state.waiters[waiter_id] = _Wanted(poll_interval, min(max_idle, MAX_IDLE_SECONDS), endpoint, token_source)
+        state.waiters[waiter_id] = _Wanted(poll_interval, min(max_idle, MAX_IDLE_SECONDS), endpoint, token_source, slot)
         if state.task is None or state.task.done():  # a loop that ran out of waiters ends by itself
             state.task = asyncio.get_running_loop().create_task(self._run(state), name=f"o365mail-idle {folder}")
         return Subscription(self, state, waiter_id)
@@ -242,6 +251,7 @@ class IdleHub:
                     state.bump("poll")
                     continue
                 endpoint, token = await asyncio.to_thread(_resolve, wanted, refresh_token)
+                held = await _take_slot(wanted.slot)
                 reconnecting = failures > 0
 
                 def selected(uidnext: int | None, reconnecting: bool = reconnecting) -> None:
@@ -254,7 +264,10 @@ class IdleHub:
                     if reconnecting:  # pushes may have been missed while the connection was down
                         state.bump("reconnect")
 
-                reason = await self._idle(endpoint, state.folder, token, state.max_idle(), selected)
+                try:
+                    reason = await self._idle(endpoint, state.folder, token, state.max_idle(), selected)
+                finally:
+                    _give_back(held)
                 refresh_token = False
                 state.idle_supported = True
                 state.bump(reason)
@@ -288,6 +301,39 @@ class IdleHub:
                     len(state.waiters),
                 )
                 await self._sleep(delay)
+
+
+async def _take_slot(slot: SharedSlot | None) -> HeldSlot | None:
+    """A shared slot, taken in a thread; a slot that arrives after the waiting task was cancelled is given back."""
+    if slot is None:
+        return None
+    lock = threading.Lock()
+    abandoned = False
+    handed: list[HeldSlot] = []
+
+    def take() -> HeldSlot | None:
+        held = slot()
+        with lock:
+            if abandoned:
+                _give_back(held)
+                return None
+            handed.append(held)
+        return held
+
+    try:
+        return await asyncio.to_thread(take)
+    except asyncio.CancelledError:
+        with lock:
+            abandoned = True
+            for held in handed:
+                _give_back(held)
+        raise
+
+
+def _give_back(held: HeldSlot | None) -> None:
+    """Release in a thread of its own: a release writes to the shared store, the loop must not wait for it."""
+    if held is not None:
+        threading.Thread(target=held.release, name="o365mail-slot-release", daemon=True).start()
 
 
 def _resolve(wanted: _Wanted, refresh_token: bool = False) -> tuple[ImapEndpoint, ExpiringToken]:
@@ -324,9 +370,10 @@ class FolderWatch:
         *,
         poll_interval: float = 60.0,
         max_idle: float = MAX_IDLE_SECONDS,
+        slot: SharedSlot | None = None,
     ) -> FolderWatch:
         subs = {
-            f: hub.subscribe(key, f, endpoint, token_source, poll_interval=poll_interval, max_idle=max_idle)
+            f: hub.subscribe(key, f, endpoint, token_source, poll_interval=poll_interval, max_idle=max_idle, slot=slot)
             for f in dict.fromkeys(folders)
         }
         return cls(subs)

@@ -21,6 +21,13 @@ connection within 14 s of silence, see :mod:`.liveness`).
 
 ``login`` comes with each lease (``imap/`` never sees the hook): it returns a logged-in client and
 the token it used (an object with ``expires_on``).
+
+``shared_slot`` (optional, :data:`..core.budget.SharedSlot`) is the mailbox's budget across processes
+and hosts: every session holds one of its slots from before its login until it is closed or dropped,
+idle sessions included (the server counts them too); the pool's own budget is the first level.
+An idle session then gives its slot back after ``shared_idle_ttl`` (5 s), not ``idle_ttl``: other
+processes may be waiting for it (measured on the distributed deployment: with 60 s, the triggerers'
+idle sessions kept worker tasks waiting for a slot until they gave up).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_o365mail.core.budget import ConnectionBudget
+from airflow_provider_o365mail.core.budget import ConnectionBudget, HeldSlot, SharedSlot
 from airflow_provider_o365mail.core.credentials import ExpiringToken
 from airflow_provider_o365mail.imap.liveness import PROBE_ANSWER_SECONDS
 from airflow_provider_o365mail.imap.scan import ConnectionBroken
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CONNECTIONS = 4
 #: A returned session stays logged in this long for the next check, then is logged out.
 IDLE_TTL_SECONDS = 60.0
+#: With a shared budget, a returned session is logged out after this long unused (others may wait for its slot).
+SHARED_IDLE_TTL_SECONDS = 5.0
 #: A session idle longer than this is probed with NOOP before use.
 PROBE_AFTER_SECONDS = 20.0
 #: A session being closed gets this long to answer LOGOUT (then its socket is simply closed).
@@ -63,6 +72,7 @@ class _Pooled:
     client: Any
     expires_on: float
     returned_at: float
+    held: HeldSlot | None = None
 
 
 @contextlib.contextmanager
@@ -119,6 +129,7 @@ class ImapPool:
         *,
         name: str = "",
         idle_ttl: float = IDLE_TTL_SECONDS,
+        shared_idle_ttl: float = SHARED_IDLE_TTL_SECONDS,
         probe_after: float = PROBE_AFTER_SECONDS,
         probe_answer: float = PROBE_ANSWER_SECONDS,
         token_margin: float = TOKEN_MARGIN_SECONDS,
@@ -127,12 +138,14 @@ class ImapPool:
         close: Callable[[Any], None] = close_client,
         drop: Callable[[Any], None] = drop_client,
         probe: Callable[[Any, float], None] = probe_client,
+        shared_slot: SharedSlot | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {max_connections}")
         self.max_connections = max_connections
         self.name = name
-        self.idle_ttl = idle_ttl
+        self._idle_ttl = idle_ttl
+        self.shared_idle_ttl = shared_idle_ttl
         self.probe_after = probe_after
         self.probe_answer = probe_answer
         self.token_margin = token_margin
@@ -149,11 +162,18 @@ class ImapPool:
         )
         self._drop = drop
         self._probe = probe
+        #: the mailbox's budget across processes (None: this process's budget only)
+        self.shared_slot = shared_slot
         self._lock = threading.Lock()
         self._idle: list[_Pooled] = []
         self._reaper: threading.Timer | None = None
         #: sessions opened (tests and the benchmark); leased now and most leased at once are the budget's
         self.opened = 0
+
+    @property
+    def idle_ttl(self) -> float:
+        """How long a returned session stays logged in: shorter when it holds a slot of a shared budget."""
+        return self._idle_ttl if self.shared_slot is None else min(self._idle_ttl, self.shared_idle_ttl)
 
     @property
     def leased(self) -> int:
@@ -176,7 +196,7 @@ class ImapPool:
             try:
                 yield pooled.client
             except BaseException as err:
-                (self._drop if _connection_broken(err) else self._close)(pooled.client)
+                self._discard(pooled, drop=_connection_broken(err))
                 raise
             pooled.returned_at = self._clock()
             with self._lock:
@@ -188,10 +208,7 @@ class ImapPool:
             with self._lock:
                 pooled = self._idle.pop() if self._idle else None  # most recently used: likeliest alive
             if pooled is None:
-                client, token = login()
-                with self._lock:
-                    self.opened += 1
-                return _Pooled(client, float(token.expires_on), self._clock())
+                return self._open(login)
             now = self._clock()
             if pooled.expires_on - now < self.token_margin:
                 log.debug(
@@ -199,7 +216,7 @@ class ImapPool:
                     self.name,
                     pooled.expires_on - now,
                 )
-                self._close(pooled.client)
+                self._discard(pooled)
                 continue
             if now - pooled.returned_at > self.probe_after:
                 try:
@@ -212,9 +229,31 @@ class ImapPool:
                         type(err).__name__,
                         err,
                     )
-                    self._drop(pooled.client)
+                    self._discard(pooled, drop=True)
                     continue
             return pooled
+
+    def _open(self, login: PoolLogin) -> _Pooled:
+        """A new session, holding a slot of the shared budget (if any) from before its login."""
+        shared = self.shared_slot
+        held = shared() if shared is not None else None
+        try:
+            client, token = login()
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        with self._lock:
+            self.opened += 1
+        return _Pooled(client, float(token.expires_on), self._clock(), held)
+
+    def _discard(self, pooled: _Pooled, *, drop: bool = False) -> None:
+        """Close (LOGOUT) or drop a session, then give back its shared slot."""
+        try:
+            (self._drop if drop else self._close)(pooled.client)
+        finally:
+            if pooled.held is not None:
+                pooled.held.release()
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Log out idle sessions returned more than ``older_than`` seconds ago; how many."""
@@ -223,7 +262,7 @@ class ImapPool:
             stale = [p for p in self._idle if now - p.returned_at >= older_than]
             self._idle = [p for p in self._idle if now - p.returned_at < older_than]
         for pooled in stale:
-            self._close(pooled.client)
+            self._discard(pooled)
         return len(stale)
 
     def _schedule_reaper(self) -> None:
@@ -249,14 +288,22 @@ _POOLS: dict[Hashable, ImapPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def imap_pool(key: Hashable, max_connections: int = DEFAULT_MAX_CONNECTIONS, *, name: str = "") -> ImapPool:
-    """The process-wide pool for ``key`` (connection and mailbox), created with ``max_connections``."""
+def imap_pool(
+    key: Hashable,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    *,
+    name: str = "",
+    shared_slot: SharedSlot | None = None,
+) -> ImapPool:
+    """The process-wide pool for ``key`` (connection and mailbox), created with ``max_connections``;
+    ``shared_slot`` (the mailbox's budget across processes) is the latest caller's, used by new sessions."""
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None or pool.max_connections != max_connections:
             if pool is not None:  # the budget was changed: new leases use the new one
                 pool.close_idle()
             pool = _POOLS[key] = ImapPool(max_connections, name=name)
+        pool.shared_slot = shared_slot
         return pool
 
 

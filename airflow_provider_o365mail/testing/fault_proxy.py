@@ -587,6 +587,11 @@ class FaultProxy:
                 bytes_down=self._bytes[DOWN],
             )
 
+    def reset_peak(self) -> None:
+        """Start counting ``max_concurrent`` again from the connections open now."""
+        with self._lock:
+            self._max_concurrent = len(self._connections)
+
     def wait_for(self, condition: Callable[[ProxyStats], bool], timeout: float = 10.0) -> ProxyStats:
         """Poll :meth:`stats` until ``condition`` holds; raise TimeoutError with the last stats."""
         deadline = time.monotonic() + timeout

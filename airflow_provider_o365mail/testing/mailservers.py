@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from airflow_provider_o365mail.runtime import process_running
+
 MAIL_UID = 65534  # nobody: owns the maildirs
 MAIL_GID = 65534
 
@@ -398,16 +400,6 @@ def write_configs(cfg: MailServerConfig) -> None:
     write_control(cfg, dict(DEFAULT_LIMITS))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -417,12 +409,12 @@ def _read_pid(path: Path) -> int | None:
 
 def dovecot_pid(cfg: MailServerConfig) -> int | None:
     pid = _read_pid(cfg.dovecot_dir / "run" / "master.pid")
-    return pid if pid and _pid_alive(pid) else None
+    return pid if pid and process_running(pid) else None
 
 
 def postfix_pid(cfg: MailServerConfig) -> int | None:
     pid = _read_pid(cfg.postfix_dir / "queue" / "pid" / "master.pid")
-    return pid if pid and _pid_alive(pid) else None
+    return pid if pid and process_running(pid) else None
 
 
 def start_dovecot(cfg: MailServerConfig) -> None:
@@ -438,7 +430,7 @@ def start_dovecot(cfg: MailServerConfig) -> None:
 
 def milter_pid(cfg: MailServerConfig) -> int | None:
     pid = _read_pid(cfg.milter_dir / "milter.pid")
-    return pid if pid and _pid_alive(pid) else None
+    return pid if pid and process_running(pid) else None
 
 
 def start_milter(cfg: MailServerConfig) -> None:
@@ -513,9 +505,9 @@ def _stop_pid(pid: int | None, timeout: float = 10.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and process_running(pid):
         time.sleep(0.05)
-    if _pid_alive(pid):
+    if process_running(pid):
         os.kill(pid, signal.SIGKILL)
 
 

@@ -375,6 +375,7 @@ def test_a_deferred_sensor_and_a_stream_of_one_folder_share_one_idle_and_one_pus
         hook = O365MailHook("c")
         hook.imap_endpoint = lambda mailbox=None: endpoint()  # type: ignore[method-assign]
         hook.access_token = lambda **_kw: Token()  # type: ignore[method-assign]
+        hook.shared_slot = lambda kind, mailbox=None: None  # type: ignore[method-assign]  # no Variables here
         reads = Reads(FakeImapClient({"INBOX": folder}))
         stream = hook.folder_stream("INBOX")
         stream.open_client = reads
