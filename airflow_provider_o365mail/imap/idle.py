@@ -26,6 +26,7 @@ from imapclient import imap_utf7
 from airflow_provider_o365mail import exceptions
 from airflow_provider_o365mail.core.credentials import ExpiringToken
 from airflow_provider_o365mail.exceptions import MailServerError, MailServerUnavailable
+from airflow_provider_o365mail.imap.aio_login import XOAuth2LoginMixin
 from airflow_provider_o365mail.imap.errors import refusal_class
 from airflow_provider_o365mail.imap.liveness import PROBE_ANSWER_SECONDS, PROBE_SECONDS, answer_deadline, keep_alive
 from airflow_provider_o365mail.imap.proxied import ProxiedAioIMAP4
@@ -95,11 +96,19 @@ class IdleUnsupported(Exception):
 IdleClientFactory = Callable[[ImapEndpoint, Callable[[Exception | None], None]], Any]
 
 
+class _IMAP4(XOAuth2LoginMixin, aioimaplib.IMAP4):
+    pass
+
+
+class _ProxiedIMAP4(XOAuth2LoginMixin, ProxiedAioIMAP4):
+    pass
+
+
 def aioimaplib_client(endpoint: ImapEndpoint, on_lost: Callable[[Exception | None], None]) -> aioimaplib.IMAP4:
     # IMAP4 with an SSL context is IMAPS; IMAP4_SSL would drop the connection-lost callback.
-    cls: Callable[..., aioimaplib.IMAP4] = aioimaplib.IMAP4
+    cls: Callable[..., aioimaplib.IMAP4] = _IMAP4
     if endpoint.proxy is not None:
-        cls = functools.partial(ProxiedAioIMAP4, proxy=endpoint.proxy)
+        cls = functools.partial(_ProxiedIMAP4, proxy=endpoint.proxy)
     return cls(
         host=endpoint.host,
         port=endpoint.port,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_o365mail.hooks.o365mail import O365MailHook
+from airflow_provider_o365mail.imap.pool import SHARED_IDLE_TTL_SECONDS
 from airflow_provider_o365mail.testing.airflow_services import wait_until
 from airflow_provider_o365mail.testing.sandbox import Sandbox
 
@@ -166,8 +167,10 @@ def test_three_watchers_share_one_imap_connection(event_airflow, db_connection, 
     conn_id = db_connection(f"o365mail_shared_{tag}", sbx.connection_json(refresh_token=sbx.new_refresh_token()))
     sandbox = Sandbox(sbx.state_dir)
     # Earlier tests' watchers of the same mailbox still run in this triggerer and open short-lived
-    # read connections when mail arrives: the baseline is their count once it holds still.
-    before = settled_imap_sessions(sandbox, sbx.user)
+    # read connections when mail arrives: the baseline is their count once it holds still for longer
+    # than a returned read connection stays logged in (the pool's shared-budget idle ttl).
+    steady = int(2 * SHARED_IDLE_TTL_SECONDS / 0.5) + 1
+    before = settled_imap_sessions(sandbox, sbx.user, readings=steady, timeout=60)
 
     def new_connections() -> int:
         return sandbox.imap_sessions(sbx.user) - before
