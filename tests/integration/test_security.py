@@ -394,7 +394,13 @@ def run_hosts(tmp_path: Path, conn_id: str, count: int, *, force: bool, jitter: 
     for index in range(count):
         host = tmp_path / f"host{index}"
         host.mkdir()
-        env = {**os.environ, "O365MAIL_LOCK_DIR": str(host), "AIRFLOW__O365MAIL__REFRESH_LEASE_SECONDS": "1"}
+        env = {
+            **os.environ,
+            "O365MAIL_LOCK_DIR": str(host),
+            "AIRFLOW__O365MAIL__REFRESH_LEASE_SECONDS": "1",
+            # a write here takes up to ``jitter`` s: the guarantee needs a settle longer than that
+            "AIRFLOW__O365MAIL__REFRESH_LEASE_SETTLE_SECONDS": "1",
+        }
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", code, str(tmp_path)],
